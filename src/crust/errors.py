@@ -33,8 +33,8 @@ class ProtocolError(CrustError):
     """The remote sent bytes that break the protocol (malformed, oversized, out of order)."""
 
 
-class HandshakeError(CrustError):
-    """The cryptographic handshake failed."""
+class HandshakeError(ProtocolError):
+    """The cryptographic handshake failed (a failed handshake is a broken protocol run)."""
 
 
 class PeerAuthenticationError(HandshakeError):

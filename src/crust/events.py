@@ -1,0 +1,110 @@
+"""Events a :class:`crust.Service` reports, as frozen dataclasses named in the past tense."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from crust.identity import PeerId
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Base class of every event."""
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerStarted(Event):
+    endpoint: str
+    """The contact string of the bound listener (the real port, not 0)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerFailed(Event):
+    endpoint: str
+    error: BaseException
+
+
+@dataclass(frozen=True, slots=True)
+class BootstrapConnected(Event):
+    peer: PeerId
+
+
+@dataclass(frozen=True, slots=True)
+class BootstrapFailed(Event):
+    error: BaseException
+
+
+@dataclass(frozen=True, slots=True)
+class PeerConnected(Event):
+    peer: PeerId
+    transport: str
+    """``"tcp"`` or ``"quic"``."""
+    path: str
+    """``"direct"``, ``"punched"``, ``"mapped"`` or ``"relayed"``."""
+    outbound: bool
+    """True when this side dialled the connection that was kept."""
+    remote: str = ""
+    """The remote address as a contact string."""
+
+
+@dataclass(frozen=True, slots=True)
+class PeerLost(Event):
+    peer: PeerId
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class MessageReceived(Event):
+    peer: PeerId
+    data: bytes
+    priority: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectFailed(Event):
+    target: str
+    error: BaseException
+
+
+@dataclass(frozen=True, slots=True)
+class LanPeerDiscovered(Event):
+    peer: PeerId
+    contacts: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ExternalAddressChanged(Event):
+    endpoint: str
+
+
+@dataclass(frozen=True, slots=True)
+class PortMappingGranted(Event):
+    protocol: str
+    internal: str
+    external: str
+    lifetime: float
+
+
+@dataclass(frozen=True, slots=True)
+class AbuseDetected(Event):
+    address: str
+    peer: PeerId | None
+    kind: str
+    """What happened: ``"garbage"``, ``"oversized"``, ``"flood"``, ``"limit"``, ``"handshake"``…"""
+
+
+__all__ = [
+    "AbuseDetected",
+    "BootstrapConnected",
+    "BootstrapFailed",
+    "ConnectFailed",
+    "Event",
+    "ExternalAddressChanged",
+    "LanPeerDiscovered",
+    "ListenerFailed",
+    "ListenerStarted",
+    "MessageReceived",
+    "PeerConnected",
+    "PeerLost",
+    "PortMappingGranted",
+]

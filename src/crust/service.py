@@ -1,0 +1,840 @@
+"""The public :class:`Service`: listeners, connection racing, one connection per peer, events."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+import ifaddr
+
+from crust import errors
+from crust.aio.connection import Connection, closed_reason
+from crust.aio.eventqueue import EventQueue, EventStream
+from crust.aio.tcp import TcpProtocol, sock_contact
+from crust.config import Config, parse_acl_entry
+from crust.contact import Contact
+from crust.events import (
+    ConnectFailed,
+    Event,
+    ListenerFailed,
+    ListenerStarted,
+    MessageReceived,
+    PeerConnected,
+    PeerLost,
+)
+from crust.identity import Identity, PeerId
+from crust.proto.session import (
+    Closed,
+    CloseCode,
+    ControlReceived,
+    HandshakeCompleted,
+    PongReceived,
+    Selected,
+    Session,
+    SessionEvent,
+    SessionParams,
+    State,
+)
+from crust.types import ConnectionDetails, EndpointPair, Statistics
+
+log = logging.getLogger("crust")
+
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+MAX_KNOWN_PEERS = 4096
+MAX_CONTACTS_PER_PEER = 16
+
+
+class _Counters:
+    """Mutable counters; :meth:`Service.statistics` snapshots them."""
+
+    def __init__(self) -> None:
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.messages_sent = 0
+        self.messages_received = 0
+        self.dropped: dict[int, int] = {}
+        self.connects_outbound = 0
+        self.connects_inbound = 0
+        self.connect_failures = 0
+        self.handshake_failures = 0
+        self.heartbeat_timeouts = 0
+        self.protocol_errors = 0
+        self.refused = 0
+        self.blacklisted = 0
+        self.duplicates_closed = 0
+        self.by_path: dict[str, int] = {}
+
+    def absorb(self, session: Session) -> None:
+        self.bytes_sent += session.bytes_sent
+        self.bytes_received += session.bytes_received
+        self.messages_sent += session.messages_sent
+        self.messages_received += session.messages_received
+        for prio, n in session.dropped.items():
+            self.dropped[prio] = self.dropped.get(prio, 0) + n
+
+
+class Service:
+    """A crust endpoint: ``async with Service(config, identity=ident) as svc: ...``.
+
+    Every background job belongs to the service's TaskGroup; leaving the ``async with``
+    block (or :meth:`aclose`) closes every connection and listener.
+    """
+
+    def __init__(self, config: Config | None = None, *, identity: Identity | None = None) -> None:
+        self.config = config if config is not None else Config()
+        self.identity = identity if identity is not None else Identity.generate()
+        self.peer_id: PeerId = self.identity.peer_id
+        cfg = self.config
+        self._params = SessionParams(
+            identity=self.identity,
+            network_name=cfg.network_name,
+            max_message_size=cfg.max_message_size,
+            heartbeat_interval=cfg.heartbeat_interval,
+            heartbeat_timeout=cfg.heartbeat_timeout,
+            handshake_timeout=cfg.handshake_timeout,
+            send_queue_size=cfg.send_queue_size,
+        )
+        self._events = EventQueue(cfg.event_queue_size, self._pause_reading, self._resume_reading)
+        self._conns: set[Connection] = set()
+        self._active: dict[PeerId, Connection] = {}
+        self._ready: dict[Connection, asyncio.Future[PeerId]] = {}
+        self._peer_waiters: dict[PeerId, list[asyncio.Future[None]]] = {}
+        self._pongs: dict[Connection, asyncio.Event] = {}
+        self._replaced: set[Connection] = set()
+        self._servers: list[asyncio.Server] = []
+        self._endpoints: list[EndpointPair] = []
+        self._known: dict[PeerId, list[str]] = {}
+        self._counters = _Counters()
+        self._black_peers: set[PeerId] = set()
+        self._black_nets: list[IpNetwork] = []
+        self._white_peers: set[PeerId] = set()
+        self._white_nets: list[IpNetwork] = []
+        for item in cfg.blacklist:
+            self._add_acl(item, self._black_peers, self._black_nets, "blacklist")
+        for item in cfg.whitelist:
+            self._add_acl(item, self._white_peers, self._white_nets, "whitelist")
+        self._tg: asyncio.TaskGroup | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._running = False
+        self._closed = False
+
+    # ================================================================= lifetime
+
+    async def __aenter__(self) -> Service:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        if self._running or self._closed:
+            raise errors.ServiceClosed("a service starts once")
+        self._tg = asyncio.TaskGroup()
+        await self._tg.__aenter__()
+        self._running = True
+        for text in self.config.listen:
+            contact = Contact.parse(text, field="listen")
+            if contact.scheme == "tcp":
+                await self._listen_tcp(contact)
+            else:
+                self._emit(
+                    ListenerFailed(text, errors.ConfigError("QUIC listeners are not available in this version", "listen"))
+                )
+        self._params.hello_extra["contacts"] = self.contacts()[:MAX_CONTACTS_PER_PEER]
+
+    async def aclose(self) -> None:
+        """Close every connection (cleanly, briefly), every listener and every task."""
+        if self._closed:
+            return
+        self._closed = True
+        self._running = False
+        for server in self._servers:
+            server.close()
+        conns = list(self._conns)
+        for conn in conns:
+            conn.close(CloseCode.SHUTDOWN, "service closing")
+        if conns:
+            waiters = [self._closed_future(c) for c in conns if not c.closed]
+            if waiters:
+                _, pending = await asyncio.wait(waiters, timeout=1.0)
+                for fut in pending:
+                    fut.cancel()
+            for conn in conns:
+                if not conn.closed and conn.transport is not None:
+                    conn.transport.abort()
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 1.0)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tg is not None:
+            await self._tg.__aexit__(None, None, None)
+        for fut in self._ready.values():
+            if not fut.done():
+                fut.set_exception(errors.ServiceClosed("service closed"))
+                fut.exception()
+        self._events.close()
+
+    def _closed_future(self, conn: Connection) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def done(_: Connection) -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        conn.on_close.append(done)
+        return fut
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a background job in the service's TaskGroup; a failure is logged, never
+        propagated into the user's task."""
+        if self._tg is None or not self._running:
+            coro.close()
+            return
+
+        async def guarded() -> None:
+            try:
+                await coro
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("crust background job failed")
+
+        task = self._tg.create_task(guarded())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _check_running(self) -> None:
+        if not self._running:
+            raise errors.ServiceClosed("the service is not running")
+
+    # ================================================================= listeners
+
+    async def _listen_tcp(self, contact: Contact) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            server = await loop.create_server(
+                lambda: TcpProtocol(self._make_inbound),
+                host=contact.host,
+                port=contact.port,
+                reuse_address=True,
+                backlog=1024,
+            )
+        except OSError as exc:
+            err = errors.ConfigError(f"cannot listen on {contact}: {exc.strerror}", "listen")
+            err.__cause__ = exc
+            self._emit(ListenerFailed(str(contact), err))
+            return
+        self._servers.append(server)
+        for sock in server.sockets:
+            local = str(Contact.from_address("tcp", sock.getsockname()))
+            self._endpoints.append(EndpointPair("tcp", local, None))
+            self._emit(ListenerStarted(local))
+
+    def endpoints(self) -> list[EndpointPair]:
+        """Every listener with its local and (when known) external contact."""
+        return list(self._endpoints)
+
+    def contacts(self) -> list[str]:
+        """Contacts others can dial (wildcards expanded to this host's addresses), each pinned
+        to our peer id."""
+        out: list[str] = []
+        for ep in self._endpoints:
+            for c in (ep.external, ep.local):
+                if c is None:
+                    continue
+                contact = Contact.parse(c)
+                for host in _expand_wildcard(contact.host):
+                    text = str(Contact(contact.scheme, host, contact.port, self.peer_id))
+                    if text not in out:
+                        out.append(text)
+        return out
+
+    # ================================================================= connecting
+
+    async def connect(self, target: str | PeerId | Sequence[str]) -> PeerId:
+        """Connect to a contact, to several contacts of one peer (raced), or to a peer id.
+
+        Returns the peer id once the single connection to that peer is up.
+        """
+        self._check_running()
+        try:
+            contacts, want = self._targets(target)
+            if want is not None and want in self._active:
+                return want
+            async with asyncio.timeout(self.config.connect_timeout):
+                return await self._race(contacts)
+        except TimeoutError as exc:
+            err: BaseException = errors.ConnectTimeout(f"connect to {target} timed out")
+            err.__cause__ = exc
+        except errors.CrustError as exc:
+            err = exc
+        self._counters.connect_failures += 1
+        self._emit(ConnectFailed(_target_text(target), err))
+        raise err
+
+    def _targets(self, target: str | PeerId | Sequence[str]) -> tuple[list[Contact], PeerId | None]:
+        if isinstance(target, str) and "://" not in target:
+            target = PeerId.parse(target)
+        if isinstance(target, PeerId):
+            if target in self._active:
+                return [], target
+            known = self._known.get(target)
+            if not known:
+                raise errors.ConnectError(f"no known contact for peer {target}")
+            return [Contact.parse(c).with_peer(target) for c in known], target
+        items = [target] if isinstance(target, str) else list(target)
+        if not items:
+            raise errors.ConfigError("no contact given", "target")
+        contacts = [Contact.parse(c, field="target") for c in items]
+        pins = {c.peer_id for c in contacts if c.peer_id is not None}
+        if len(pins) > 1:
+            raise errors.ConfigError("contacts name different peer ids", "target")
+        pin = pins.pop() if pins else None
+        return [c.with_peer(pin) for c in contacts], pin
+
+    async def _race(self, contacts: list[Contact]) -> PeerId:
+        """Happy Eyeballs: start attempts staggered (IPv6 first, families interleaved), first
+        one to be established wins, the others are cancelled."""
+        contacts = await self._resolve(contacts)
+        if not contacts:
+            raise errors.ConnectError("no usable contact")
+        if len(contacts) == 1:
+            return await self._attempt(contacts[0])
+        pending: set[asyncio.Task[PeerId]] = set()
+        errs: list[BaseException] = []
+        queue = list(contacts)
+        try:
+            while queue or pending:
+                if queue:
+                    pending.add(asyncio.ensure_future(self._attempt(queue.pop(0))))
+                done, pending = await asyncio.wait(
+                    pending,
+                    timeout=self.config.connect_stagger if queue else None,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                for task in done:
+                    exc = task.exception()
+                    if exc is None:
+                        return task.result()
+                    errs.append(exc)
+        finally:
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        if all(type(e) is type(errs[0]) for e in errs):
+            raise errs[0]
+        raise errors.ConnectError("every contact failed", errs)
+
+    async def _resolve(self, contacts: list[Contact]) -> list[Contact]:
+        out: list[Contact] = []
+        loop = asyncio.get_running_loop()
+        for c in contacts:
+            if c.port == 0:
+                raise errors.ConfigError(f"{c}: cannot connect to port 0", "target")
+            if c.scheme != "tcp":
+                continue  # QUIC arrives with the QUIC transport
+            if c.is_ip:
+                out.append(c)
+                continue
+            try:
+                infos = await loop.getaddrinfo(c.host, c.port, type=socket.SOCK_STREAM)
+            except OSError as exc:
+                raise errors.ConnectError(f"cannot resolve {c.host}: {exc}") from exc
+            for info in infos:
+                alt = Contact.from_address(c.scheme, (str(info[4][0]), c.port), c.peer_id)
+                if alt not in out:
+                    out.append(alt)
+        v6 = [c for c in out if c.family_v6]
+        v4 = [c for c in out if not c.family_v6]
+        mixed: list[Contact] = []
+        for i in range(max(len(v6), len(v4))):
+            mixed.extend(x[i] for x in (v6, v4) if i < len(x))
+        return mixed
+
+    async def _attempt(self, contact: Contact) -> PeerId:
+        """Dial one TCP contact and wait until the connection is kept (or proves that another
+        connection to the same peer is)."""
+        self._refuse_address(contact.host)
+        loop = asyncio.get_running_loop()
+        protocol: TcpProtocol | None = None
+
+        def make(transport: asyncio.Transport) -> Connection:
+            return self._new_connection(
+                transport, initiator=True, expected=contact.peer_id, transport_name="tcp"
+            )
+
+        try:
+            _, protocol = await loop.create_connection(
+                lambda: TcpProtocol(make), contact.host, contact.port
+            )
+        except OSError as exc:
+            raise errors.ConnectError(f"{contact}: {exc.strerror or exc}") from exc
+        conn = await protocol.made
+        if conn is None:
+            raise errors.ConnectError(f"{contact}: connection closed at once")
+        fut = self._ready[conn]
+        try:
+            return await self._await_kept(conn, fut)
+        except BaseException:
+            if not conn.selected:
+                conn.abort(CloseCode.NORMAL, "attempt abandoned")
+            raise
+        finally:
+            self._ready.pop(conn, None)
+
+    async def _await_kept(self, conn: Connection, fut: asyncio.Future[PeerId]) -> PeerId:
+        try:
+            return await asyncio.shield(fut)
+        except _Duplicate:
+            # the greater peer id kept another connection to the same peer: wait for it
+            peer = conn.peer_id
+            assert peer is not None
+            await self._wait_peer(peer)
+            return peer
+
+    async def _wait_peer(self, peer: PeerId) -> None:
+        if peer in self._active:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._peer_waiters.setdefault(peer, []).append(fut)
+        try:
+            await fut
+        finally:
+            waiters = self._peer_waiters.get(peer)
+            if waiters is not None:
+                with contextlib.suppress(ValueError):
+                    waiters.remove(fut)
+                if not waiters:
+                    del self._peer_waiters[peer]
+
+    # ================================================================= connections
+
+    def _make_inbound(self, transport: asyncio.Transport) -> Connection | None:
+        remote = sock_contact(transport, "peername")
+        host = Contact.parse(remote).host
+        reason = self._inbound_refusal(host)
+        if reason is not None:
+            self._counters.refused += 1
+            log.debug("refused inbound from %s: %s", remote, reason)
+            return None
+        return self._new_connection(transport, initiator=False, expected=None, transport_name="tcp")
+
+    def _inbound_refusal(self, host: str) -> str | None:
+        if not self._running:
+            return "service closing"
+        if self._address_blocked(host):
+            self._counters.blacklisted += 1
+            return "address blacklisted"
+        cfg = self.config
+        if len(self._conns) >= cfg.max_connections:
+            return "max_connections reached"
+        pending = sum(1 for c in self._conns if c.session.state is State.HANDSHAKE)
+        if pending >= cfg.max_pending_handshakes:
+            return "max_pending_handshakes reached"
+        same_ip = sum(1 for c in self._conns if Contact.parse(c.remote).host == host)
+        if same_ip >= cfg.max_connections_per_ip:
+            return "max_connections_per_ip reached"
+        return None
+
+    def _new_connection(
+        self,
+        transport: asyncio.Transport,
+        *,
+        initiator: bool,
+        expected: PeerId | None,
+        transport_name: str,
+    ) -> Connection:
+        remote = sock_contact(transport, "peername")
+        local = sock_contact(transport, "sockname")
+        loop = asyncio.get_running_loop()
+        session = Session(
+            self._params,
+            initiator=initiator,
+            now=loop.time(),
+            expected_peer=expected,
+            observed=remote,
+        )
+        conn = Connection(
+            self,
+            session,
+            transport_name=transport_name,
+            outbound=initiator,
+            remote=remote,
+            local=local,
+        )
+        self._conns.add(conn)
+        if initiator:
+            self._ready[conn] = loop.create_future()
+        conn.on_close.append(self._on_conn_closed)
+        return conn
+
+    def deliver(self, event: MessageReceived) -> None:
+        self._events.put(event)
+
+    def session_event(self, conn: Connection, event: SessionEvent) -> None:
+        if isinstance(event, HandshakeCompleted):
+            self._on_handshake(conn, event)
+        elif isinstance(event, Selected):
+            if conn.peer_id is not None and conn.peer_id < self.peer_id:
+                log.warning("%r: SELECT from the lesser peer id ignored", conn)
+            else:
+                self._activate(conn)
+        elif isinstance(event, PongReceived):
+            pong = self._pongs.get(conn)
+            if pong is not None:
+                pong.set()
+        elif isinstance(event, Closed):
+            self._on_session_closed(conn, event)
+        elif isinstance(event, ControlReceived):
+            log.debug("%r: control message %r", conn, event.payload.get("t"))
+
+    def _on_handshake(self, conn: Connection, event: HandshakeCompleted) -> None:
+        peer = event.peer_id
+        if peer == self.peer_id:
+            self._fail_ready(conn, errors.ConnectError("connected to ourselves"))
+            conn.close(CloseCode.SELF, "same identity")
+            return
+        if not self._peer_allowed(peer, Contact.parse(conn.remote).host):
+            self._counters.blacklisted += 1
+            self._fail_ready(conn, errors.Blacklisted(f"peer {peer} is blacklisted"))
+            conn.close(CloseCode.BLACKLISTED, "")
+            return
+        self._remember(peer, event.hello.get("contacts", []))
+        if self.peer_id > peer:
+            self._decide(conn)
+        # else: the greater peer id chooses; wait for its SELECT or CLOSE(DUPLICATE)
+
+    def _decide(self, conn: Connection) -> None:
+        """We have the greater peer id: keep this connection unless a live one exists."""
+        peer = conn.peer_id
+        assert peer is not None
+        old = self._active.get(peer)
+        if old is None or old.closed:
+            self._select(conn)
+            return
+        self._spawn(self._probe_then_decide(conn, old))
+
+    async def _probe_then_decide(self, conn: Connection, old: Connection) -> None:
+        """A second connection to an already connected peer: if the old one still answers,
+        the new one is a duplicate; otherwise the old one is dead and the new one replaces it."""
+        pong = self._pongs.setdefault(old, asyncio.Event())
+        pong.clear()
+        old.session.ping(asyncio.get_running_loop().time())
+        old.control_changed()
+        try:
+            async with asyncio.timeout(self.config.duplicate_probe_timeout):
+                await pong.wait()
+            alive = not old.closed
+        except TimeoutError:
+            alive = False
+        finally:
+            self._pongs.pop(old, None)
+        if conn.closed:
+            return
+        peer = conn.peer_id
+        assert peer is not None
+        current = self._active.get(peer)
+        if alive or (current is not None and current is not old and not current.closed):
+            self._counters.duplicates_closed += 1
+            conn.close(CloseCode.DUPLICATE, "already connected")
+        else:
+            self._select(conn)
+
+    def _select(self, conn: Connection) -> None:
+        conn.session.select()
+        conn.control_changed()
+        self._activate(conn)
+
+    def _activate(self, conn: Connection) -> None:
+        peer = conn.peer_id
+        assert peer is not None
+        if conn.closed or conn.session.state is not State.ESTABLISHED:
+            return
+        old = self._active.get(peer)
+        if old is conn:
+            return
+        if old is not None:
+            self._replaced.add(old)
+            old.close(CloseCode.REPLACED, "replaced by a newer connection")
+        self._active[peer] = conn
+        conn.selected = True
+        c = self._counters
+        if conn.outbound:
+            c.connects_outbound += 1
+        else:
+            c.connects_inbound += 1
+        c.by_path[conn.path] = c.by_path.get(conn.path, 0) + 1
+        self._emit(PeerConnected(peer, conn.transport_name, conn.path, conn.outbound, conn.remote))
+        fut = self._ready.get(conn)
+        if fut is not None and not fut.done():
+            fut.set_result(peer)
+        for waiter in self._peer_waiters.pop(peer, []):
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _on_session_closed(self, conn: Connection, event: Closed) -> None:
+        peer = conn.peer_id
+        err = event.error
+        c = self._counters
+        if isinstance(err, errors.HandshakeError):
+            c.handshake_failures += 1
+        elif isinstance(err, errors.ProtocolError):
+            c.protocol_errors += 1
+        if event.code == CloseCode.TIMEOUT and conn.session.peer_id is not None and err is None:
+            c.heartbeat_timeouts += 1
+        if peer is not None and self._active.get(peer) is conn:
+            del self._active[peer]
+            if conn not in self._replaced:
+                self._emit(PeerLost(peer, closed_reason(event)))
+        self._fail_ready(conn, _ready_error(event))
+
+    def _fail_ready(self, conn: Connection, err: BaseException) -> None:
+        fut = self._ready.get(conn)
+        if fut is not None and not fut.done():
+            fut.set_exception(err)
+            fut.exception()  # retrieved: the attempt may already be cancelled
+
+    def _on_conn_closed(self, conn: Connection) -> None:
+        self._conns.discard(conn)
+        self._replaced.discard(conn)
+        self._counters.absorb(conn.session)
+        peer = conn.peer_id
+        if peer is not None and self._active.get(peer) is conn:
+            del self._active[peer]
+            self._emit(PeerLost(peer, "connection lost"))
+        self._fail_ready(conn, errors.ConnectionClosed("connection closed"))
+
+    def _remember(self, peer: PeerId, contacts: Sequence[str]) -> None:
+        good: list[str] = []
+        for text in contacts[:MAX_CONTACTS_PER_PEER]:
+            try:
+                c = Contact.parse(text)
+            except errors.ConfigError:
+                continue
+            if c.is_ip and c.port:
+                good.append(str(c.with_peer(None)))
+        if not good:
+            return
+        if peer not in self._known and len(self._known) >= MAX_KNOWN_PEERS:
+            del self._known[next(iter(self._known))]
+        self._known[peer] = good
+
+    # ================================================================= messages
+
+    async def send(self, peer: PeerId, data: bytes | bytearray | memoryview, priority: int = 0) -> None:
+        """Queue ``data`` for ``peer``: reliable and ordered per peer and priority.
+
+        Priority 0 is the most urgent (0..255). When the peer's queue is full, priorities 0
+        and 1 wait for room; lower priorities drop the oldest queued messages of their own or
+        lower urgency (counted in :meth:`statistics`).
+        """
+        if type(priority) is not int or not 0 <= priority <= 255:
+            raise errors.InvalidArgument(f"priority must be an int 0..255, not {priority!r}")
+        if not isinstance(data, bytes):
+            if not isinstance(data, bytearray | memoryview):
+                raise errors.InvalidArgument(f"data must be bytes, not {type(data).__name__}")
+            data = bytes(data)
+        if len(data) > self.config.max_message_size:
+            raise errors.MessageTooLarge(
+                f"{len(data)} bytes > max_message_size {self.config.max_message_size}"
+            )
+        conn = self._active.get(peer)
+        if conn is None:
+            raise errors.NotConnected(f"not connected to {peer}")
+        if priority <= 1:
+            while conn.queue_full():
+                await conn.wait_writable()
+                conn = self._active.get(peer)
+                if conn is None:
+                    raise errors.NotConnected(f"connection to {peer} lost while sending")
+        conn.send(data, priority)
+
+    async def disconnect(self, peer: PeerId) -> None:
+        """Close the connection to ``peer`` cleanly (queued messages are sent first)."""
+        conn = self._active.pop(peer, None)
+        if conn is None:
+            raise errors.NotConnected(f"not connected to {peer}")
+        self._emit(PeerLost(peer, "disconnected locally"))
+        closed = self._closed_future(conn)
+        conn.close(CloseCode.NORMAL, "disconnected")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.config.handshake_timeout):
+                await closed
+
+    def is_connected(self, peer: PeerId) -> bool:
+        return peer in self._active
+
+    def peers(self) -> list[PeerId]:
+        return list(self._active)
+
+    def connection(self, peer: PeerId) -> ConnectionDetails:
+        conn = self._active.get(peer)
+        if conn is None:
+            raise errors.NotConnected(f"not connected to {peer}")
+        return ConnectionDetails(
+            transport=conn.transport_name,
+            path=conn.path,
+            remote=conn.remote,
+            local=conn.local,
+            outbound=conn.outbound,
+            rtt=conn.session.rtt,
+        )
+
+    def events(self) -> EventStream:
+        """``async for event in svc.events()``: every event, in order, until the service closes.
+
+        Events are buffered; when more than ``event_queue_size`` wait, crust stops reading
+        from the network until the consumer catches up (no event is ever dropped).
+        """
+        return EventStream(self._events)
+
+    def _emit(self, event: Event) -> None:
+        self._events.put(event)
+
+    def _pause_reading(self) -> None:
+        for conn in self._conns:
+            conn.pause_reading()
+
+    def _resume_reading(self) -> None:
+        for conn in self._conns:
+            conn.resume_reading()
+
+    # ================================================================= policy
+
+    def blacklist(self, item: PeerId | str) -> None:
+        """Refuse a peer id, an IP address or a CIDR from now on and drop its connections."""
+        key = str(item) if isinstance(item, PeerId) else item
+        self._add_acl(key, self._black_peers, self._black_nets, "blacklist")
+        for conn in list(self._conns):
+            host = Contact.parse(conn.remote).host
+            if (conn.peer_id is not None and conn.peer_id in self._black_peers) or self._in_nets(
+                host, self._black_nets
+            ):
+                peer = conn.peer_id
+                if peer is not None and self._active.get(peer) is conn:
+                    del self._active[peer]
+                    self._emit(PeerLost(peer, "blacklisted"))
+                conn.close(CloseCode.BLACKLISTED, "")
+
+    @staticmethod
+    def _add_acl(item: str, peers: set[PeerId], nets: list[IpNetwork], field: str) -> None:
+        entry = parse_acl_entry(item, field)
+        if isinstance(entry, PeerId):
+            peers.add(entry)
+        else:
+            nets.append(entry)
+
+    @staticmethod
+    def _in_nets(host: str, nets: list[IpNetwork]) -> bool:
+        if not nets:
+            return False
+        try:
+            addr = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(addr in net for net in nets)
+
+    def _address_blocked(self, host: str) -> bool:
+        if self._in_nets(host, self._black_nets):
+            return True
+        # with a whitelist of addresses only, unknown addresses never get a handshake
+        return bool(self._white_nets) and not self._white_peers and not self._in_nets(
+            host, self._white_nets
+        )
+
+    def _refuse_address(self, host: str) -> None:
+        if self._address_blocked(host):
+            raise errors.Blacklisted(f"address {host} is blacklisted")
+
+    def _peer_allowed(self, peer: PeerId, host: str) -> bool:
+        if peer in self._black_peers or self._in_nets(host, self._black_nets):
+            return False
+        if self._white_peers or self._white_nets:
+            return peer in self._white_peers or self._in_nets(host, self._white_nets)
+        return True
+
+    def statistics(self) -> Statistics:
+        c = self._counters
+        live = [conn.session for conn in self._conns]
+        dropped = dict(c.dropped)
+        for s in live:
+            for prio, n in s.dropped.items():
+                dropped[prio] = dropped.get(prio, 0) + n
+        return Statistics(
+            peers=len(self._active),
+            connections=len(self._conns),
+            bytes_sent=c.bytes_sent + sum(s.bytes_sent for s in live),
+            bytes_received=c.bytes_received + sum(s.bytes_received for s in live),
+            messages_sent=c.messages_sent + sum(s.messages_sent for s in live),
+            messages_received=c.messages_received + sum(s.messages_received for s in live),
+            messages_dropped=sum(dropped.values()),
+            dropped_by_priority=dropped,
+            connects_outbound=c.connects_outbound,
+            connects_inbound=c.connects_inbound,
+            connect_failures=c.connect_failures,
+            handshake_failures=c.handshake_failures,
+            heartbeat_timeouts=c.heartbeat_timeouts,
+            protocol_errors=c.protocol_errors,
+            refused=c.refused,
+            blacklisted=c.blacklisted,
+            duplicates_closed=c.duplicates_closed,
+            connects_by_path=dict(c.by_path),
+        )
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class _Duplicate(errors.Refused):
+    """The greater peer id closed this connection because it keeps another one."""
+
+
+def _ready_error(event: Closed) -> BaseException:
+    if event.error is not None:
+        return event.error
+    code = event.code
+    if event.by_peer and code == CloseCode.DUPLICATE:
+        return _Duplicate("the peer kept another connection (duplicate)")
+    if code == CloseCode.BLACKLISTED:
+        return errors.Blacklisted("refused: blacklisted")
+    if code == CloseCode.SELF:
+        return errors.ConnectError("connected to ourselves")
+    return errors.ConnectionClosed(f"closed before it was established ({closed_reason(event)})")
+
+
+def _target_text(target: object) -> str:
+    if isinstance(target, str | PeerId):
+        return str(target)
+    if isinstance(target, Sequence):
+        return ",".join(str(t) for t in target)
+    return repr(target)
+
+
+def _expand_wildcard(host: str) -> list[str]:
+    """This host's addresses for a wildcard listen address (loopback last)."""
+    if host not in ("0.0.0.0", "::"):
+        return [host]
+    want_v6 = host == "::"
+    found: list[str] = []
+    loopback: list[str] = []
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            if want_v6 != ip.is_IPv6:
+                continue
+            addr = ip.ip[0] if isinstance(ip.ip, tuple) else ip.ip
+            try:
+                parsed = ipaddress.ip_address(addr)
+            except ValueError:
+                continue
+            if parsed.is_link_local:
+                continue
+            (loopback if parsed.is_loopback else found).append(str(parsed))
+    return found + loopback

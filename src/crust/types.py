@@ -1,0 +1,54 @@
+"""Plain value types returned by :class:`crust.Service`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointPair:
+    """A listener: its ``protocol`` (``"tcp"``/``"quic"``), the ``local`` contact it is bound
+    to, and the ``external`` contact others see it as, when known."""
+
+    protocol: str
+    local: str
+    external: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionDetails:
+    transport: str
+    """``"tcp"`` or ``"quic"``."""
+    path: str
+    """``"direct"``, ``"punched"``, ``"mapped"`` or ``"relayed"``."""
+    remote: str
+    """The remote address as a contact string."""
+    local: str
+    outbound: bool
+    rtt: float | None
+    """The last measured round-trip time in seconds (None until the first heartbeat)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Statistics:
+    """A snapshot of the service's counters."""
+
+    peers: int = 0
+    connections: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    messages_sent: int = 0
+    messages_received: int = 0
+    messages_dropped: int = 0
+    dropped_by_priority: dict[int, int] = field(default_factory=dict)
+    connects_outbound: int = 0
+    connects_inbound: int = 0
+    connect_failures: int = 0
+    handshake_failures: int = 0
+    heartbeat_timeouts: int = 0
+    protocol_errors: int = 0
+    refused: int = 0
+    """Connections refused before the handshake (blacklist, limits)."""
+    blacklisted: int = 0
+    duplicates_closed: int = 0
+    connects_by_path: dict[str, int] = field(default_factory=dict)

@@ -1,0 +1,1172 @@
+"""NAT laboratory: network namespaces, bridges, veth pairs and nftables NAT routers.
+
+A lab is described by a :class:`LabSpec` (routers and hosts) and built by :class:`Lab`::
+
+    spec = LabSpec(
+        routers=[RouterSpec("ra", nat="port-restricted")],
+        hosts=[HostSpec("pub"), HostSpec("ha", router="ra")],
+    )
+    with Lab(spec) as lab:
+        lab.run("ha", ["ping", "-c1", lab.host("pub").address])
+
+Topology: one *switch* namespace holds Linux bridges -- ``br0`` is the simulated internet
+(198.18.0.0/15), and every router gets its own LAN bridge.  Every other node is a namespace
+connected to one bridge (hosts) or two bridges (routers: ``wan0`` upstream, ``lan0`` downstream)
+by veth pairs.  Nothing is ever linked to the host's own network namespace.
+
+NAT types are named by their RFC 4787 behaviour (see ``docs/lab.md``):
+
+``none``
+    no NAT: a host directly on the internet (``HostSpec(router=None)``).
+``full-cone``
+    endpoint-independent mapping and filtering.
+``restricted``
+    endpoint-independent mapping, address-dependent filtering.
+``port-restricted``
+    endpoint-independent mapping (with port preservation), address-and-port-dependent filtering.
+``symmetric``
+    address-and-port-dependent mapping (random port per destination) and filtering.
+
+Every namespace name starts with :data:`RUN_PREFIX` (unique per Python process) followed by a
+per-lab id, so parallel runs never collide.  :meth:`Lab.close` (also called on build failure,
+from ``atexit`` and on SIGTERM/SIGHUP) kills every process started in the lab and deletes every
+namespace.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ipaddress
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import FrameType, TracebackType
+from typing import IO, Any, Final, Literal, get_args
+
+__all__ = [
+    "INTERNET_NET",
+    "NAT_TYPES",
+    "RUN_PREFIX",
+    "Host",
+    "HostSpec",
+    "Lab",
+    "LabCommandError",
+    "LabError",
+    "LabProcess",
+    "LabSpec",
+    "NatType",
+    "Netem",
+    "Node",
+    "Router",
+    "RouterSpec",
+    "cleanup_prefix",
+    "list_namespaces",
+    "missing_requirements",
+    "nftables_ruleset",
+    "pair_spec",
+]
+
+NatType = Literal["none", "full-cone", "restricted", "port-restricted", "symmetric"]
+NAT_TYPES: Final[tuple[NatType, ...]] = get_args(NatType)
+
+#: The simulated internet.  198.18.0.0/15 is reserved for benchmarking and never routed.
+INTERNET_NET: Final = ipaddress.IPv4Network("198.18.0.0/15")
+
+#: Interface names inside the nodes.
+HOST_IFACE: Final = "eth0"
+WAN_IFACE: Final = "wan0"
+LAN_IFACE: Final = "lan0"
+INTERNET_BRIDGE: Final = "br0"
+
+_NS_MAX_LEN: Final = 14  # keep names < 15 characters (IFNAMSIZ - 1 is 15)
+_NAME_RE: Final = re.compile(r"^[a-z][a-z0-9]*$")
+_DEFAULT_TIMEOUT: Final = 20.0
+
+
+def _new_run_prefix() -> str:
+    existing = _ns_names_or_empty()
+    while True:
+        prefix = "nl" + secrets.token_hex(2)
+        if not any(name.startswith(prefix) for name in existing):
+            return prefix
+
+
+def _ns_names_or_empty() -> list[str]:
+    if shutil.which("ip") is None:
+        return []
+    try:
+        return list_namespaces()
+    except (LabError, OSError):
+        return []
+
+
+class LabError(RuntimeError):
+    """Building, running or tearing down the lab failed."""
+
+
+class LabCommandError(LabError):
+    """A command run for the lab exited non-zero or timed out."""
+
+    def __init__(
+        self, argv: Sequence[str], returncode: int | None, stdout: str, stderr: str
+    ) -> None:
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+        what = "timed out" if returncode is None else f"exited {returncode}"
+        super().__init__(f"{' '.join(argv)!r} {what}: {stderr.strip() or stdout.strip()}")
+
+
+# --------------------------------------------------------------------------------------------
+# Running commands
+# --------------------------------------------------------------------------------------------
+
+
+def _kill_group(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+def run_command(
+    argv: Sequence[str],
+    *,
+    timeout: float = _DEFAULT_TIMEOUT,
+    check: bool = True,
+    input: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` (in its own process group) and capture its output.
+
+    On timeout the whole process group is killed and :class:`LabCommandError` is raised.
+    """
+    proc = subprocess.Popen(
+        list(argv),
+        stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env=dict(env) if env is not None else None,
+    )
+    try:
+        out, err = proc.communicate(input=input, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise LabCommandError(argv, None, out, err) from None
+    except BaseException:
+        _kill_group(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    result = subprocess.CompletedProcess(list(argv), proc.returncode, out, err)
+    if check and proc.returncode != 0:
+        raise LabCommandError(argv, proc.returncode, out, err)
+    return result
+
+
+def list_namespaces() -> list[str]:
+    """Names of all network namespaces known to ``ip netns``."""
+    out = run_command(["ip", "netns", "list"]).stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def _ns_pids(netns: str) -> list[int]:
+    res = run_command(["ip", "netns", "pids", netns], check=False)
+    return [int(tok) for tok in res.stdout.split() if tok.isdigit()]
+
+
+def _kill_ns_processes(namespaces: Sequence[str], grace: float = 1.0) -> None:
+    """Kill (by pid) every process still living in one of ``namespaces``."""
+    pids = [pid for ns in namespaces for pid in _ns_pids(ns)]
+    if not pids:
+        return
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if not [ns for ns in namespaces if _ns_pids(ns)]:
+            return
+        time.sleep(0.05)
+    for pid in [pid for ns in namespaces for pid in _ns_pids(ns)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _delete_namespaces(namespaces: Sequence[str]) -> None:
+    if not namespaces:
+        return
+    existing = set(_ns_names_or_empty())
+    todo = [ns for ns in namespaces if ns in existing]
+    if not todo:
+        return
+    _kill_ns_processes(todo)
+    script = "".join(f"netns delete {ns}\n" for ns in todo)
+    run_command(["ip", "-force", "-batch", "-"], input=script, check=False)
+
+
+def cleanup_prefix(prefix: str) -> list[str]:
+    """Delete every namespace whose name starts with ``prefix`` (after killing its processes).
+
+    Meant for leftovers of a crashed run: ``python tests/lab/netlab.py --cleanup nl1a2b``.
+    Returns the deleted names.
+    """
+    if len(prefix) < 4:
+        raise ValueError("refusing to clean up with a prefix shorter than 4 characters")
+    names = [ns for ns in list_namespaces() if ns.startswith(prefix)]
+    _delete_namespaces(names)
+    return names
+
+
+def missing_requirements() -> str | None:
+    """Why the lab cannot run here, or ``None`` when it can."""
+    if sys.platform != "linux":
+        return f"NAT lab needs Linux network namespaces (platform is {sys.platform})"
+    if os.geteuid() != 0:
+        return "NAT lab needs root (network namespaces, nftables); run the lab tests as root"
+    missing = [tool for tool in ("ip", "nft", "conntrack", "tc") if shutil.which(tool) is None]
+    if missing:
+        return (
+            f"NAT lab needs {', '.join(missing)} on PATH "
+            "(apt-get install iproute2 nftables conntrack)"
+        )
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Lab description
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Netem:
+    """``tc netem`` impairment, applied to *both* directions of a link."""
+
+    delay_ms: float = 0.0
+    jitter_ms: float = 0.0
+    loss_pct: float = 0.0
+
+    def tc_args(self) -> list[str]:
+        args = ["netem"]
+        if self.delay_ms or self.jitter_ms:
+            args += ["delay", f"{self.delay_ms}ms"]
+            if self.jitter_ms:
+                args.append(f"{self.jitter_ms}ms")
+        if self.loss_pct:
+            args += ["loss", f"{self.loss_pct}%"]
+        return args
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """A NAT router.  ``upstream`` is ``None`` (WAN on the internet) or another router's name
+    (double NAT: this router's WAN sits in that router's LAN)."""
+
+    name: str
+    nat: NatType = "port-restricted"
+    upstream: str | None = None
+    hairpin: bool = False
+    lan_subnet: str | None = None
+    #: ``net.netfilter.nf_conntrack_udp_timeout`` / ``..._stream`` in this router (seconds).
+    udp_timeout: int | None = None
+    udp_stream_timeout: int | None = None
+    #: Lifetime of learnt full-cone / restricted / hairpin mappings; default: the UDP stream
+    #: timeout (or 120 s).
+    mapping_timeout: int | None = None
+    wan_netem: Netem | None = None
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    """A host.  ``router=None`` puts it directly on the internet (NAT type ``none``)."""
+
+    name: str
+    router: str | None = None
+    #: Additional IPv4 addresses on the same interface (e.g. a second "observer" address).
+    extra_addresses: int = 0
+    netem: Netem | None = None
+
+
+@dataclass(frozen=True)
+class LabSpec:
+    routers: Sequence[RouterSpec] = ()
+    hosts: Sequence[HostSpec] = ()
+
+
+def pair_spec(
+    nat_a: NatType,
+    nat_b: NatType,
+    *,
+    hairpin: bool = False,
+    netem: Netem | None = None,
+    udp_timeout: int | None = None,
+) -> LabSpec:
+    """Two peers ``a`` and ``b`` behind routers ``ra``/``rb`` of the given NAT types (or public
+    for ``none``) plus a public host ``pub`` (rendezvous / STUN / relay)."""
+    routers: list[RouterSpec] = []
+    hosts = [HostSpec("pub", extra_addresses=1)]
+    for side, nat in (("a", nat_a), ("b", nat_b)):
+        if nat == "none":
+            hosts.append(HostSpec(side, netem=netem))
+        else:
+            routers.append(
+                RouterSpec(
+                    f"r{side}",
+                    nat=nat,
+                    hairpin=hairpin,
+                    udp_timeout=udp_timeout,
+                    udp_stream_timeout=udp_timeout,
+                )
+            )
+            hosts.append(HostSpec(side, router=f"r{side}", netem=netem))
+    return LabSpec(routers=routers, hosts=hosts)
+
+
+# --------------------------------------------------------------------------------------------
+# Built lab objects
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Node:
+    name: str
+    netns: str
+
+
+@dataclass
+class Host(Node):
+    router: str | None
+    addresses: list[str]
+    gateway: str | None
+    iface: str = HOST_IFACE
+
+    @property
+    def address(self) -> str:
+        """The primary IPv4 address."""
+        return self.addresses[0]
+
+
+@dataclass
+class Router(Node):
+    nat: NatType
+    hairpin: bool
+    upstream: str | None
+    wan_address: str
+    wan_gateway: str | None
+    lan_address: str
+    lan_subnet: ipaddress.IPv4Network
+    mapping_timeout: int
+    wan_iface: str = WAN_IFACE
+    lan_iface: str = LAN_IFACE
+
+
+@dataclass
+class _Link:
+    """One veth pair: ``port`` in the switch namespace (on ``bridge``), ``iface`` in ``node``."""
+
+    node: str
+    iface: str
+    port: str
+    bridge: str
+    netem: Netem | None
+
+
+def nftables_ruleset(router: Router) -> str:
+    """The nftables ruleset that turns ``router`` into a NAT of its type.
+
+    * port-restricted: ``masquerade`` (conntrack keeps the source port when it is free: EIM
+      with port preservation; only replies of tracked flows come in).
+    * symmetric: ``masquerade random`` (a new external port per destination).
+    * full-cone / restricted: masquerade plus a dynamic map learnt in postrouting *after*
+      srcnat (external proto+port -> internal addr+port, read from the conntrack reply tuple)
+      and a DNAT of new inbound WAN packets through it.  For restricted the remote address must
+      also be in a dynamic set of (external port, remote address) the mapping has sent to.
+    * hairpin: LAN packets to the WAN address are DNATed through the same map and SNATed to the
+      sender's own external mapping (or any port of the WAN address for symmetric).
+    * input drops unsolicited packets from the WAN, so an early inbound packet cannot create a
+      conntrack entry on the router that would steal the port masquerade wants to reuse.
+    """
+    wan, lan, wan_addr = router.wan_iface, router.lan_iface, router.wan_address
+    learn = router.nat in ("full-cone", "restricted") or router.hairpin
+    t = router.mapping_timeout
+    random = " random" if router.nat == "symmetric" else ""
+    tcpudp = "meta l4proto { tcp, udp }"
+    lines = ["table ip crustlab {"]
+    if learn:
+        lines += [
+            "  map extmap {",
+            "    type inet_proto . inet_service : ipv4_addr . inet_service",
+            f"    flags dynamic, timeout; timeout {t}s;",
+            "  }",
+            "  map intmap {",
+            "    type inet_proto . ipv4_addr . inet_service : ipv4_addr . inet_service",
+            f"    flags dynamic, timeout; timeout {t}s;",
+            "  }",
+            "  set peerset {",
+            "    type inet_proto . inet_service . ipv4_addr",
+            f"    flags dynamic, timeout; timeout {t}s;",
+            "  }",
+        ]
+    lines += ["  chain prerouting {", "    type nat hook prerouting priority dstnat; policy accept;"]
+    if router.nat == "full-cone":
+        lines.append(
+            f'    iifname "{wan}" ip daddr {wan_addr} {tcpudp}'
+            " dnat ip to meta l4proto . th dport map @extmap"
+        )
+    elif router.nat == "restricted":
+        lines.append(
+            f'    iifname "{wan}" ip daddr {wan_addr} {tcpudp}'
+            " meta l4proto . th dport . ip saddr @peerset"
+            " dnat ip to meta l4proto . th dport map @extmap"
+        )
+    if router.hairpin:
+        lines.append(
+            f'    iifname "{lan}" ip daddr {wan_addr} {tcpudp}'
+            " dnat ip to meta l4proto . th dport map @extmap"
+        )
+    lines += ["  }", "  chain postrouting {"]
+    lines.append("    type nat hook postrouting priority srcnat; policy accept;")
+    if router.hairpin:
+        if router.nat != "symmetric":
+            lines.append(
+                f'    iifname "{lan}" oifname "{lan}" ct status dnat {tcpudp}'
+                " snat ip to meta l4proto . ip saddr . th sport map @intmap"
+            )
+        lines.append(
+            f'    iifname "{lan}" oifname "{lan}" ct status dnat snat ip to {wan_addr}{random}'
+        )
+    lines += [f'    oifname "{wan}" masquerade{random}', "  }"]
+    if learn:
+        lines += [
+            "  chain learn {",
+            "    type filter hook postrouting priority srcnat + 1; policy accept;",
+            f'    oifname "{wan}" ct status snat {tcpudp}'
+            " update @extmap { meta l4proto . ct reply proto-dst"
+            " : ct original ip saddr . ct original proto-src }"
+            " update @intmap { meta l4proto . ct original ip saddr . ct original proto-src"
+            " : ct reply ip daddr . ct reply proto-dst }"
+            " update @peerset { meta l4proto . ct reply proto-dst . ct original ip daddr }",
+            "  }",
+        ]
+    lines += [
+        "  chain input {",
+        "    type filter hook input priority filter; policy accept;",
+        "    ct state established,related accept",
+        f'    iifname "{wan}" drop',
+        f'    iifname "{lan}" ip daddr {wan_addr} {tcpudp} drop',
+        "  }",
+        "  chain forward {",
+        "    type filter hook forward priority filter; policy accept;",
+        "    ct state established,related accept",
+        "    ct status dnat accept",
+        f'    iifname "{wan}" drop',
+        "  }",
+        "}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Processes
+# --------------------------------------------------------------------------------------------
+
+
+class LabProcess:
+    """A background process running inside a lab namespace (its own process group).
+
+    ``stop()`` (or lab teardown) sends SIGTERM to the group, then SIGKILL after ``grace``.
+    """
+
+    def __init__(self, node: str, argv: Sequence[str], popen: subprocess.Popen[str]) -> None:
+        self.node = node
+        self.argv = list(argv)
+        self.popen = popen
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def stdin(self) -> IO[str] | None:
+        return self.popen.stdin
+
+    @property
+    def stdout(self) -> IO[str] | None:
+        return self.popen.stdout
+
+    @property
+    def stderr(self) -> IO[str] | None:
+        return self.popen.stderr
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.returncode
+
+    def poll(self) -> int | None:
+        return self.popen.poll()
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.popen.wait(timeout)
+
+    def stop(self, grace: float = 2.0) -> int | None:
+        """Terminate the process group; returns the exit code.  Idempotent."""
+        if self.popen.poll() is None:
+            # Not reaped yet, so the pid (== pgid) cannot have been reused.
+            _kill_group(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(grace)
+            except subprocess.TimeoutExpired:
+                _kill_group(self.popen.pid, signal.SIGKILL)
+                self.popen.wait(grace)
+        else:
+            # The leader is gone; make sure nothing else of its group lingers.
+            _kill_group(self.popen.pid, signal.SIGKILL)
+        for stream in (self.popen.stdin, self.popen.stdout, self.popen.stderr):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+        return self.popen.returncode
+
+    def __repr__(self) -> str:
+        return f"LabProcess(node={self.node!r}, pid={self.pid}, argv={self.argv!r})"
+
+
+# --------------------------------------------------------------------------------------------
+# Registry for atexit / signal teardown
+# --------------------------------------------------------------------------------------------
+
+_live_labs: set[Lab] = set()
+_registry_lock = threading.Lock()
+_handlers_installed = False
+_used_lab_ids: set[str] = set()
+_lab_counter = 0
+
+
+def _close_all_labs() -> None:
+    with _registry_lock:
+        labs = list(_live_labs)
+    for lab in labs:
+        with contextlib.suppress(Exception):
+            lab.close()
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    _close_all_labs()
+    previous = _previous_handlers.get(signum, signal.SIG_DFL)
+    if callable(previous):
+        previous(signum, frame)
+        return
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+_previous_handlers: dict[int, Any] = {}
+
+
+def _install_handlers() -> None:
+    global _handlers_installed
+    if _handlers_installed:
+        return
+    atexit.register(_close_all_labs)
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            current = signal.getsignal(sig)
+            if current is signal.SIG_IGN:
+                continue
+            _previous_handlers[sig] = current
+            signal.signal(sig, _on_signal)
+    _handlers_installed = True
+
+
+def _new_lab_id() -> str:
+    global _lab_counter
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    with _registry_lock:
+        for _ in range(len(digits)):
+            lab_id = digits[_lab_counter % len(digits)]
+            _lab_counter += 1
+            if lab_id not in _used_lab_ids:
+                _used_lab_ids.add(lab_id)
+                return lab_id
+    raise LabError("too many labs alive at once (36)")
+
+
+RUN_PREFIX: Final[str] = _new_run_prefix()
+
+
+# --------------------------------------------------------------------------------------------
+# The lab
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    hosts: dict[str, Host] = field(default_factory=dict)
+    routers: dict[str, Router] = field(default_factory=dict)
+    links: list[_Link] = field(default_factory=list)
+    bridges: list[str] = field(default_factory=list)
+
+
+class Lab:
+    """A NAT laboratory built from a :class:`LabSpec`.
+
+    Use as a context manager, or call :meth:`build` and then (always) :meth:`close`.
+    """
+
+    def __init__(self, spec: LabSpec) -> None:
+        self.spec = spec
+        self.lab_id = _new_lab_id()
+        self.prefix = f"{RUN_PREFIX}{self.lab_id}-"
+        self.switch_ns = f"{self.prefix}sw"
+        self._plan = self._make_plan(spec)
+        self._namespaces: list[str] = []
+        self._processes: list[LabProcess] = []
+        self._cleanups: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+        self._built = False
+        self._closed = False
+        #: Measured seconds: ``build`` and ``teardown``.
+        self.timings: dict[str, float] = {}
+
+    # ---- planning -----------------------------------------------------------------------
+
+    def _ns(self, name: str) -> str:
+        return f"{self.prefix}{name}"
+
+    def _make_plan(self, spec: LabSpec) -> _Plan:
+        max_len = _NS_MAX_LEN - len(self.prefix)
+        names: set[str] = set()
+        for item in [*spec.routers, *spec.hosts]:
+            if not _NAME_RE.match(item.name) or len(item.name) > max_len:
+                raise ValueError(
+                    f"node name {item.name!r} must match [a-z][a-z0-9]* and have at most "
+                    f"{max_len} characters"
+                )
+            if item.name in names or item.name == "sw":
+                raise ValueError(f"duplicate or reserved node name {item.name!r}")
+            names.add(item.name)
+        router_specs = {r.name: r for r in spec.routers}
+        for r in spec.routers:
+            if r.nat not in NAT_TYPES or r.nat == "none":
+                raise ValueError(
+                    f"router {r.name!r}: nat must be one of {NAT_TYPES[1:]} "
+                    "(a host with router=None is NAT type 'none')"
+                )
+            if r.upstream is not None and r.upstream not in router_specs:
+                raise ValueError(f"router {r.name!r}: unknown upstream router {r.upstream!r}")
+        for h in spec.hosts:
+            if h.router is not None and h.router not in router_specs:
+                raise ValueError(f"host {h.name!r}: unknown router {h.router!r}")
+
+        # Order routers so that upstreams come first (and reject cycles).
+        ordered: list[RouterSpec] = []
+        depth: dict[str, int] = {}
+
+        def visit(r: RouterSpec, trail: tuple[str, ...]) -> int:
+            if r.name in trail:
+                raise ValueError(f"router cycle: {' -> '.join((*trail, r.name))}")
+            if r.name in depth:
+                return depth[r.name]
+            d = 0 if r.upstream is None else visit(router_specs[r.upstream], (*trail, r.name)) + 1
+            depth[r.name] = d
+            ordered.append(r)
+            return d
+
+        for r in spec.routers:
+            visit(r, ())
+
+        plan = _Plan(bridges=[INTERNET_BRIDGE])
+        port_counter = iter(range(1, 10_000))
+        public_hosts = iter(range(10, 255))
+        lan_next: dict[str, int] = {}
+        lan_extra_next: dict[str, int] = {}
+        lan_bridge: dict[str, str] = {}
+        subnets: dict[str, ipaddress.IPv4Network] = {}
+        used_subnets: set[ipaddress.IPv4Network] = set()
+
+        def public_addr(extra: int = 0) -> tuple[str, list[str]]:
+            idx = next(public_hosts, None)
+            if idx is None:
+                raise ValueError("too many public nodes (max 245)")
+            base = int(INTERNET_NET.network_address)
+            primary = str(ipaddress.IPv4Address(base + idx))
+            extras = [str(ipaddress.IPv4Address(base + 256 * (j + 1) + idx)) for j in range(extra)]
+            return primary, extras
+
+        def lan_addr(router: str) -> str:
+            n = lan_next[router]
+            lan_next[router] = n + 1
+            if n >= 100:
+                raise ValueError(f"too many nodes in the LAN of {router!r}")
+            return str(subnets[router].network_address + n)
+
+        def lan_extra(router: str) -> str:
+            n = lan_extra_next[router]
+            lan_extra_next[router] = n + 1
+            if n >= 250:
+                raise ValueError(f"too many extra addresses in the LAN of {router!r}")
+            return str(subnets[router].network_address + n)
+
+        for n, r in enumerate(ordered, start=1):
+            if r.lan_subnet is not None:
+                subnet = ipaddress.IPv4Network(r.lan_subnet)
+                if not subnet.is_private or subnet.prefixlen > 24 or subnet.overlaps(INTERNET_NET):
+                    raise ValueError(f"router {r.name!r}: LAN must be a private /24 or larger")
+            elif depth[r.name] == 0:
+                subnet = ipaddress.IPv4Network(f"10.{n}.0.0/24")
+            else:
+                subnet = ipaddress.IPv4Network(f"192.168.{n}.0/24")
+            if any(subnet.overlaps(s) for s in used_subnets):
+                raise ValueError(f"router {r.name!r}: LAN {subnet} overlaps another LAN")
+            used_subnets.add(subnet)
+            subnets[r.name] = subnet
+            lan_next[r.name] = 2
+            lan_extra_next[r.name] = 100
+            lan_bridge[r.name] = f"br{n}"
+            plan.bridges.append(f"br{n}")
+            if r.upstream is None:
+                wan_address, _ = public_addr()
+                wan_gateway: str | None = None
+                wan_bridge = INTERNET_BRIDGE
+            else:
+                wan_address = lan_addr(r.upstream)
+                wan_gateway = plan.routers[r.upstream].lan_address
+                wan_bridge = lan_bridge[r.upstream]
+            if r.mapping_timeout is not None:
+                mapping_timeout = r.mapping_timeout
+            else:
+                mapping_timeout = r.udp_stream_timeout or 120
+            plan.routers[r.name] = Router(
+                name=r.name,
+                netns=self._ns(r.name),
+                nat=r.nat,
+                hairpin=r.hairpin,
+                upstream=r.upstream,
+                wan_address=wan_address,
+                wan_gateway=wan_gateway,
+                lan_address=str(subnet.network_address + 1),
+                lan_subnet=subnet,
+                mapping_timeout=mapping_timeout,
+            )
+            plan.links.append(
+                _Link(r.name, WAN_IFACE, f"p{next(port_counter)}", wan_bridge, r.wan_netem)
+            )
+            plan.links.append(
+                _Link(r.name, LAN_IFACE, f"p{next(port_counter)}", lan_bridge[r.name], None)
+            )
+
+        for h in spec.hosts:
+            if h.router is None:
+                primary, extras = public_addr(h.extra_addresses)
+                gateway: str | None = None
+                bridge = INTERNET_BRIDGE
+            else:
+                primary = lan_addr(h.router)
+                extras = [lan_extra(h.router) for _ in range(h.extra_addresses)]
+                gateway = plan.routers[h.router].lan_address
+                bridge = lan_bridge[h.router]
+            plan.hosts[h.name] = Host(
+                name=h.name,
+                netns=self._ns(h.name),
+                router=h.router,
+                addresses=[primary, *extras],
+                gateway=gateway,
+            )
+            plan.links.append(_Link(h.name, HOST_IFACE, f"p{next(port_counter)}", bridge, h.netem))
+        return plan
+
+    # ---- lookup -------------------------------------------------------------------------
+
+    @property
+    def hosts(self) -> dict[str, Host]:
+        return dict(self._plan.hosts)
+
+    @property
+    def routers(self) -> dict[str, Router]:
+        return dict(self._plan.routers)
+
+    @property
+    def namespaces(self) -> list[str]:
+        """Namespaces created so far (switch first)."""
+        return list(self._namespaces)
+
+    def host(self, name: str) -> Host:
+        try:
+            return self._plan.hosts[name]
+        except KeyError:
+            raise KeyError(f"no host {name!r} in this lab") from None
+
+    def router(self, name: str) -> Router:
+        try:
+            return self._plan.routers[name]
+        except KeyError:
+            raise KeyError(f"no router {name!r} in this lab") from None
+
+    def node(self, name: str) -> Node:
+        if name in self._plan.hosts:
+            return self._plan.hosts[name]
+        return self.router(name)
+
+    def _netns_of(self, node: str | Node) -> str:
+        if isinstance(node, Node):
+            return node.netns
+        if node == "sw":
+            return self.switch_ns
+        return self.node(node).netns
+
+    def public_address(self, host: str | Host) -> str:
+        """The address the internet sees for ``host`` (its outermost router's WAN address)."""
+        h = host if isinstance(host, Host) else self.host(host)
+        if h.router is None:
+            return h.address
+        r = self.router(h.router)
+        while r.upstream is not None:
+            r = self.router(r.upstream)
+        return r.wan_address
+
+    def routers_of(self, host: str | Host) -> list[Router]:
+        """The routers between ``host`` and the internet, innermost first."""
+        h = host if isinstance(host, Host) else self.host(host)
+        chain: list[Router] = []
+        name = h.router
+        while name is not None:
+            r = self.router(name)
+            chain.append(r)
+            name = r.upstream
+        return chain
+
+    # ---- building -----------------------------------------------------------------------
+
+    def __enter__(self) -> Lab:
+        self.build()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def build(self) -> Lab:
+        """Create namespaces, links, addresses, routes and NAT rules.
+
+        On any failure everything created so far is torn down before the error propagates.
+        """
+        if self._built or self._closed:
+            raise LabError("a Lab can be built only once")
+        self._built = True
+        with _registry_lock:
+            _live_labs.add(self)
+        _install_handlers()
+        start = time.monotonic()
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+        self.timings["build"] = time.monotonic() - start
+        return self
+
+    def _add_namespace(self, ns: str) -> None:
+        self._namespaces.append(ns)  # recorded first: teardown tolerates a missing namespace
+        run_command(["ip", "netns", "add", ns])
+
+    def _sysctl(self, ns: str, settings: Mapping[str, str | int]) -> None:
+        args = [f"{key}={value}" for key, value in settings.items()]
+        run_command(["ip", "netns", "exec", ns, "sysctl", "-q", "-w", *args])
+
+    def _batch(self, ns: str, commands: Sequence[str], tool: str = "ip") -> None:
+        if commands:
+            run_command([tool, "-n", ns, "-batch", "-"], input="\n".join(commands) + "\n")
+
+    def _build(self) -> None:
+        plan = self._plan
+        base_sysctls = {
+            "net.ipv6.conf.all.disable_ipv6": 1,
+            "net.ipv6.conf.default.disable_ipv6": 1,
+        }
+        self._add_namespace(self.switch_ns)
+        switch_sysctls = dict(base_sysctls)
+        if os.path.exists("/proc/sys/net/bridge/bridge-nf-call-iptables"):
+            # Bridged frames in the switch must not meet any netfilter hook.
+            switch_sysctls["net.bridge.bridge-nf-call-iptables"] = 0
+        self._sysctl(self.switch_ns, switch_sysctls)
+        for node in [*plan.routers.values(), *plan.hosts.values()]:
+            self._add_namespace(node.netns)
+            settings: dict[str, str | int] = dict(base_sysctls)
+            if isinstance(node, Router):
+                settings["net.ipv4.ip_forward"] = 1
+            self._sysctl(node.netns, settings)
+
+        # Switch: bridges and the switch end of every veth pair (the peer goes straight into
+        # the node's namespace; nothing is ever created in the caller's namespace).
+        sw: list[str] = ["link set lo up"]
+        for br in plan.bridges:
+            sw.append(f"link add {br} type bridge forward_delay 0 stp_state 0")
+            sw.append(f"link set {br} up")
+        for link in plan.links:
+            sw.append(
+                f"link add {link.port} type veth peer name {link.iface} netns {self._ns(link.node)}"
+            )
+            sw.append(f"link set {link.port} master {link.bridge} up")
+        self._batch(self.switch_ns, sw)
+
+        internet_len = INTERNET_NET.prefixlen
+        for r in plan.routers.values():
+            if r.upstream is None:
+                wan_prefix = internet_len
+            else:
+                wan_prefix = self.router(r.upstream).lan_subnet.prefixlen
+            cmds = [
+                "link set lo up",
+                f"addr add {r.wan_address}/{wan_prefix} dev {r.wan_iface}",
+                f"link set {r.wan_iface} up",
+                f"addr add {r.lan_address}/{r.lan_subnet.prefixlen} dev {r.lan_iface}",
+                f"link set {r.lan_iface} up",
+            ]
+            if r.wan_gateway is not None:
+                cmds.append(f"route add default via {r.wan_gateway} dev {r.wan_iface}")
+            self._batch(r.netns, cmds)
+            run_command(["ip", "netns", "exec", r.netns, "nft", "-f", "-"], input=nftables_ruleset(r))
+            spec = next(s for s in self.spec.routers if s.name == r.name)
+            ct: dict[str, str | int] = {}
+            if spec.udp_timeout is not None:
+                ct["net.netfilter.nf_conntrack_udp_timeout"] = spec.udp_timeout
+            if spec.udp_stream_timeout is not None:
+                ct["net.netfilter.nf_conntrack_udp_timeout_stream"] = spec.udp_stream_timeout
+            if ct:
+                self._sysctl(r.netns, ct)
+
+        for h in plan.hosts.values():
+            if h.router is None:
+                prefix = internet_len
+            else:
+                prefix = self.router(h.router).lan_subnet.prefixlen
+            cmds = ["link set lo up"]
+            cmds += [f"addr add {a}/{prefix} dev {h.iface}" for a in h.addresses]
+            cmds.append(f"link set {h.iface} up")
+            if h.gateway is not None:
+                cmds.append(f"route add default via {h.gateway} dev {h.iface}")
+            self._batch(h.netns, cmds)
+
+        for link in plan.links:
+            if link.netem is not None:
+                self._apply_netem(link, link.netem)
+
+    def _apply_netem(self, link: _Link, netem: Netem | None) -> None:
+        for ns, dev in ((self._ns(link.node), link.iface), (self.switch_ns, link.port)):
+            if netem is None:
+                run_command(["tc", "-n", ns, "qdisc", "del", "dev", dev, "root"], check=False)
+            else:
+                run_command(["tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", *netem.tc_args()])
+
+    def set_netem(self, node: str | Node, netem: Netem | None, iface: str | None = None) -> None:
+        """Change (or with ``None`` remove) the impairment on a node's link, both directions.
+
+        ``iface`` defaults to ``eth0`` for hosts and ``wan0`` for routers.
+        """
+        name = node.name if isinstance(node, Node) else node
+        n = self.node(name)
+        dev = iface or (WAN_IFACE if isinstance(n, Router) else HOST_IFACE)
+        for link in self._plan.links:
+            if link.node == name and link.iface == dev:
+                self._apply_netem(link, netem)
+                return
+        raise KeyError(f"{name!r} has no link {dev!r}")
+
+    # ---- running things -----------------------------------------------------------------
+
+    def exec_argv(self, node: str | Node, argv: Sequence[str]) -> list[str]:
+        """``argv`` wrapped to run inside ``node``'s namespace (``ip netns exec``)."""
+        return ["ip", "netns", "exec", self._netns_of(node), *argv]
+
+    def run(
+        self,
+        node: str | Node,
+        argv: Sequence[str],
+        *,
+        timeout: float = _DEFAULT_TIMEOUT,
+        check: bool = True,
+        input: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a command inside ``node`` (``"sw"`` is the switch) and capture its output."""
+        self._require_running()
+        return run_command(
+            self.exec_argv(node, argv), timeout=timeout, check=check, input=input, env=env
+        )
+
+    def spawn(
+        self,
+        node: str | Node,
+        argv: Sequence[str],
+        *,
+        stdin: int | IO[Any] | None = subprocess.DEVNULL,
+        stdout: int | IO[Any] | None = subprocess.PIPE,
+        stderr: int | IO[Any] | None = subprocess.PIPE,
+        env: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+    ) -> LabProcess:
+        """Start a background process inside ``node``; it is killed (by pid) on teardown.
+
+        Text mode, line buffered.  Pass ``stdout=open(path, "w")`` to log to a file.
+        """
+        self._require_running()
+        full = self.exec_argv(node, argv)
+        with self._lock:
+            popen = subprocess.Popen(
+                full,
+                stdin=stdin,
+                stdout=stdout,
+                stderr=stderr,
+                text=True,
+                bufsize=1,
+                start_new_session=True,
+                env=dict(env) if env is not None else None,
+                cwd=cwd,
+            )
+            proc = LabProcess(node.name if isinstance(node, Node) else node, argv, popen)
+            self._processes.append(proc)
+        return proc
+
+    def spawn_python(self, node: str | Node, args: Sequence[str], **kwargs: Any) -> LabProcess:
+        """:meth:`spawn` the current interpreter (the venv python) with ``args``."""
+        return self.spawn(node, [sys.executable, *args], **kwargs)
+
+    @property
+    def processes(self) -> list[LabProcess]:
+        return list(self._processes)
+
+    def add_cleanup(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` at teardown, before processes are killed (last added runs first)."""
+        self._cleanups.append(fn)
+
+    def _require_running(self) -> None:
+        if not self._built or self._closed:
+            raise LabError("the lab is not built (or already closed)")
+
+    # ---- NAT state ----------------------------------------------------------------------
+
+    def reset_nat(self, routers: Sequence[str] | None = None) -> None:
+        """Forget all NAT state: flush conntrack and the learnt maps in every router.
+
+        Call between trials, otherwise the next trial inherits old mappings.
+        """
+        self._require_running()
+        for name in routers if routers is not None else list(self._plan.routers):
+            r = self.router(name)
+            if r.nat in ("full-cone", "restricted") or r.hairpin:
+                flush = "".join(
+                    f"flush {kind} ip crustlab {obj}\n"
+                    for kind, obj in (("map", "extmap"), ("map", "intmap"), ("set", "peerset"))
+                )
+                run_command(["ip", "netns", "exec", r.netns, "nft", "-f", "-"], input=flush)
+            # Flush conntrack only after the maps, so that no packet can re-learn in between
+            # from a flow that is about to be forgotten.
+            run_command(["ip", "netns", "exec", r.netns, "conntrack", "-F"], check=False)
+
+    def conntrack(self, router: str) -> str:
+        """``conntrack -L`` of a router (for debugging)."""
+        return self.run(router, ["conntrack", "-L"], check=False).stdout
+
+    def nft_list(self, router: str) -> str:
+        """``nft list ruleset`` of a router, learnt maps included (for debugging)."""
+        return self.run(router, ["nft", "list", "ruleset"]).stdout
+
+    def sysctl(self, node: str, key: str) -> str:
+        return self.run(node, ["sysctl", "-n", key]).stdout.strip()
+
+    # ---- teardown -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Kill every process started in the lab and delete every namespace.  Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        start = time.monotonic()
+        errors: list[BaseException] = []
+        while self._cleanups:
+            fn = self._cleanups.pop()
+            try:
+                fn()
+            except Exception as exc:
+                errors.append(exc)
+        for proc in reversed(self._processes):
+            try:
+                proc.stop()
+            except Exception as exc:
+                errors.append(exc)
+        # Node namespaces first (their veths vanish with them), the switch last.
+        order = [ns for ns in self._namespaces if ns != self.switch_ns]
+        if self.switch_ns in self._namespaces:
+            order.append(self.switch_ns)
+        try:
+            _delete_namespaces(order)
+        except Exception as exc:
+            errors.append(exc)
+        leftovers = [ns for ns in _ns_names_or_empty() if ns.startswith(self.prefix)]
+        if leftovers:
+            # Something raced us (or a delete failed): one more forceful attempt.
+            with contextlib.suppress(Exception):
+                _delete_namespaces(leftovers)
+            leftovers = [ns for ns in _ns_names_or_empty() if ns.startswith(self.prefix)]
+        with _registry_lock:
+            _live_labs.discard(self)
+            if not leftovers:
+                _used_lab_ids.discard(self.lab_id)
+        self.timings["teardown"] = time.monotonic() - start
+        if leftovers:
+            raise LabError(f"namespaces left behind: {leftovers}") from (
+                errors[0] if errors else None
+            )
+        if errors:
+            raise LabError(f"errors during teardown: {errors!r}") from errors[0]
+
+    def describe(self) -> str:
+        """A human-readable summary of the topology."""
+        lines = [f"lab {self.prefix} (switch {self.switch_ns})"]
+        for r in self._plan.routers.values():
+            up = r.upstream or "internet"
+            lines.append(
+                f"  router {r.name}: {r.nat}{' +hairpin' if r.hairpin else ''} "
+                f"wan {r.wan_address} (on {up}) lan {r.lan_subnet}"
+            )
+        for h in self._plan.hosts.values():
+            where = h.router or "internet"
+            lines.append(f"  host {h.name}: {', '.join(h.addresses)} (on {where})")
+        return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python tests/lab/netlab.py --cleanup PREFIX`` removes a crashed run's namespaces."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--cleanup", metavar="PREFIX", help="delete namespaces named PREFIX*")
+    parser.add_argument("--list", action="store_true", help="list lab namespaces (nl*)")
+    args = parser.parse_args(argv)
+    if args.cleanup:
+        for name in cleanup_prefix(args.cleanup):
+            print(f"deleted {name}")
+    if args.list:
+        for name in list_namespaces():
+            if re.match(r"^nl[0-9a-f]{4}", name):
+                print(name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
