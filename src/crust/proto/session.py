@@ -626,11 +626,13 @@ class Session:
         elif kind == Kind.CLOSE:
             code = body[0] if body else 0
             reason = body[1:].decode("utf-8", "replace")
-            if self.state is State.ESTABLISHED:
-                # answer so the peer can close cleanly too
-                self._control = [(Kind.CLOSE, bytes([CloseCode.NORMAL]))]
-                self._active.clear()
-                self._pack_records()
+            if self.state is State.CLOSING:  # the answer to our own close
+                self._finish(Closed(self.close_code or 0, self._close_reason, by_peer=False))
+                return
+            # answer so the peer can close cleanly too
+            self._control = [(Kind.CLOSE, bytes([CloseCode.NORMAL]))]
+            self._active.clear()
+            self._pack_records()
             self._finish(Closed(code, reason, by_peer=True))
         elif kind == Kind.SELECT:
             if self.state is State.ESTABLISHED:
