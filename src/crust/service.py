@@ -29,6 +29,7 @@ from crust.events import (
 )
 from crust.identity import Identity, PeerId
 from crust.proto.session import (
+    Accepted,
     Closed,
     CloseCode,
     ControlReceived,
@@ -487,6 +488,10 @@ class Service:
                 log.warning("%r: SELECT from the lesser peer id ignored", conn)
             else:
                 self._activate(conn)
+        elif isinstance(event, Accepted):
+            conn.peer_accepted = True
+            if conn.policy_ok and conn.peer_id is not None and self.peer_id > conn.peer_id:
+                self._decide(conn)
         elif isinstance(event, PongReceived):
             pong = self._pongs.get(conn)
             if pong is not None:
@@ -508,9 +513,15 @@ class Service:
             conn.close(CloseCode.BLACKLISTED, "")
             return
         self._remember(peer, event.hello.get("contacts", []))
-        if self.peer_id > peer:
+        conn.policy_ok = True
+        if self.peer_id < peer:
+            # the greater peer id chooses: tell it we accept, then wait for its SELECT
+            # or CLOSE(DUPLICATE)
+            conn.session.accept()
+            conn.control_changed()
+        elif conn.peer_accepted:
             self._decide(conn)
-        # else: the greater peer id chooses; wait for its SELECT or CLOSE(DUPLICATE)
+        # else: decide once the lesser peer id has accepted us (it may refuse us)
 
     def _decide(self, conn: Connection) -> None:
         """We have the greater peer id: keep this connection unless a live one exists."""
@@ -544,6 +555,7 @@ class Service:
         current = self._active.get(peer)
         if alive or (current is not None and current is not old and not current.closed):
             self._counters.duplicates_closed += 1
+            self._fail_ready(conn, _Duplicate("already connected through another connection"))
             conn.close(CloseCode.DUPLICATE, "already connected")
         else:
             self._select(conn)
@@ -801,7 +813,7 @@ def _ready_error(event: Closed) -> BaseException:
     if event.error is not None:
         return event.error
     code = event.code
-    if event.by_peer and code == CloseCode.DUPLICATE:
+    if code == CloseCode.DUPLICATE:
         return _Duplicate("the peer kept another connection (duplicate)")
     if code == CloseCode.BLACKLISTED:
         return errors.Blacklisted("refused: blacklisted")

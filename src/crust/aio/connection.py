@@ -64,6 +64,10 @@ class Connection:
         self.path = path
         self.transport: StreamTransport | None = None
         self.selected = False
+        self.policy_ok = False
+        """Our own checks of the remote identity passed (blacklist, whitelist, self)."""
+        self.peer_accepted = False
+        """The remote (when it has the lesser peer id) accepted our identity."""
         self.closed = False
         self.on_close: list[Callable[[Connection], None]] = []
         self._loop = asyncio.get_running_loop()

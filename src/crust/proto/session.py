@@ -82,6 +82,7 @@ class Kind(enum.IntEnum):
     PONG = 17
     CLOSE = 32
     SELECT = 33
+    ACCEPT = 34
     CONTROL = 48
 
 
@@ -119,6 +120,11 @@ class Selected:
 
 
 @dataclass(frozen=True, slots=True)
+class Accepted:
+    """The remote (the lesser peer id) checked our identity and accepts the connection."""
+
+
+@dataclass(frozen=True, slots=True)
 class ControlReceived:
     payload: dict[str, Any]
 
@@ -140,7 +146,7 @@ class Closed:
 
 
 SessionEvent = (
-    HandshakeCompleted | Selected | ControlReceived | PongReceived | Closed | MessageReceived
+    HandshakeCompleted | Selected | Accepted | ControlReceived | PongReceived | Closed | MessageReceived
 )
 
 
@@ -320,6 +326,10 @@ class Session:
     def select(self) -> None:
         """Tell the remote (the lesser peer id) that this connection is the one kept."""
         self._control.append((Kind.SELECT, b""))
+
+    def accept(self) -> None:
+        """Tell the remote (the greater peer id) that we accept its identity; it decides."""
+        self._control.append((Kind.ACCEPT, b""))
 
     def ping(self, now: float) -> int:
         self._ping_token = (self._ping_token + 1) & 0xFFFFFFFFFFFFFFFF
@@ -637,6 +647,9 @@ class Session:
         elif kind == Kind.SELECT:
             if self.state is State.ESTABLISHED:
                 self.events.append(Selected())
+        elif kind == Kind.ACCEPT:
+            if self.state is State.ESTABLISHED:
+                self.events.append(Accepted())
         elif kind == Kind.CONTROL:
             if self.state is State.ESTABLISHED:
                 self.events.append(ControlReceived(_unpack_map(body, "control")))
