@@ -19,6 +19,7 @@ from crust.aio.tcp import TcpProtocol, sock_contact
 from crust.config import Config, parse_acl_entry
 from crust.contact import Contact
 from crust.events import (
+    AbuseDetected,
     ConnectFailed,
     Event,
     ListenerFailed,
@@ -30,8 +31,8 @@ from crust.events import (
 from crust.identity import Identity, PeerId
 from crust.proto.session import (
     Accepted,
-    Closed,
     CloseCode,
+    Closed,
     ControlReceived,
     HandshakeCompleted,
     PongReceived,
@@ -145,7 +146,12 @@ class Service:
                 await self._listen_tcp(contact)
             else:
                 self._emit(
-                    ListenerFailed(text, errors.ConfigError("QUIC listeners are not available in this version", "listen"))
+                    ListenerFailed(
+                        text,
+                        errors.ConfigError(
+                            "QUIC listeners are not available in this version", "listen"
+                        ),
+                    )
                 )
         self._params.hello_extra["contacts"] = self.contacts()[:MAX_CONTACTS_PER_PEER]
 
@@ -176,10 +182,8 @@ class Service:
             task.cancel()
         if self._tg is not None:
             await self._tg.__aexit__(None, None, None)
-        for fut in self._ready.values():
-            if not fut.done():
-                fut.set_exception(errors.ServiceClosed("service closed"))
-                fut.exception()
+        for conn in list(self._ready):
+            self._fail_ready(conn, errors.ServiceClosed("service closed"))
         self._events.close()
 
     def _closed_future(self, conn: Connection) -> asyncio.Future[None]:
@@ -600,6 +604,11 @@ class Service:
             c.handshake_failures += 1
         elif isinstance(err, errors.ProtocolError):
             c.protocol_errors += 1
+        if isinstance(err, errors.ProtocolError) and not isinstance(
+            err, errors.NetworkMismatch | errors.VersionMismatch
+        ):
+            kind = "timeout" if isinstance(err, TimeoutError) else "garbage"
+            self._emit(AbuseDetected(conn.remote, peer, kind))
         if event.code == CloseCode.TIMEOUT and conn.session.peer_id is not None and err is None:
             c.heartbeat_timeouts += 1
         if peer is not None and self._active.get(peer) is conn:
@@ -641,7 +650,9 @@ class Service:
 
     # ================================================================= messages
 
-    async def send(self, peer: PeerId, data: bytes | bytearray | memoryview, priority: int = 0) -> None:
+    async def send(
+        self, peer: PeerId, data: bytes | bytearray | memoryview, priority: int = 0
+    ) -> None:
         """Queue ``data`` for ``peer``: reliable and ordered per peer and priority.
 
         Priority 0 is the most urgent (0..255). When the peer's queue is full, priorities 0
@@ -758,8 +769,10 @@ class Service:
         if self._in_nets(host, self._black_nets):
             return True
         # with a whitelist of addresses only, unknown addresses never get a handshake
-        return bool(self._white_nets) and not self._white_peers and not self._in_nets(
-            host, self._white_nets
+        return (
+            bool(self._white_nets)
+            and not self._white_peers
+            and not self._in_nets(host, self._white_nets)
         )
 
     def _refuse_address(self, host: str) -> None:

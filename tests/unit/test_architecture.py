@@ -34,8 +34,15 @@ def test_error_tree() -> None:
     assert issubclass(errors.HandshakeError, errors.CrustError)
     assert issubclass(errors.ConnectTimeout, TimeoutError)
     assert issubclass(errors.HandshakeTimeout, TimeoutError)
-    for name in (
-        "ConfigError ProtocolError ConnectError NotConnected MessageTooLarge BootstrapFailed "
-        "PortMappingError HolePunchFailed Blacklisted"
-    ).split():
+    for name in [
+        "ConfigError",
+        "ProtocolError",
+        "ConnectError",
+        "NotConnected",
+        "MessageTooLarge",
+        "BootstrapFailed",
+        "PortMappingError",
+        "HolePunchFailed",
+        "Blacklisted",
+    ]:
         assert issubclass(getattr(errors, name), errors.CrustError)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -21,8 +22,8 @@ from crust.proto.session import (
     HEADER_LEN,
     MAX_PLAINTEXT,
     PREEMPT_LIMIT,
-    Closed,
     CloseCode,
+    Closed,
     HandshakeCompleted,
     PongReceived,
     Selected,
@@ -32,7 +33,7 @@ from crust.proto.session import (
 from crust.testing.pair import FakeClock, SessionPair, make_params
 
 
-def closed(events: list[object]) -> Closed:
+def closed(events: Sequence[object]) -> Closed:
     found = [e for e in events if isinstance(e, Closed)]
     assert len(found) == 1, events
     return found[0]
@@ -59,7 +60,7 @@ def test_handshake_authenticates_both_sides() -> None:
 
 def test_hello_carries_bounded_contacts_and_observed_address() -> None:
     pa = make_params()
-    pa.hello_extra["contacts"] = ["tcp://192.0.2.1:1"] * 100 + [7]  # type: ignore[list-item]
+    pa.hello_extra["contacts"] = ["tcp://192.0.2.1:1"] * 100 + [7]
     pair = SessionPair(pa)
     pair.b = Session(pair.params_b, initiator=False, now=0.0, observed="tcp://192.0.2.9:5")
     pair.pump()
@@ -146,7 +147,9 @@ def test_messages_in_order_all_sizes() -> None:
     pair = established_pair()
     rng = random.Random(1)
     sizes = [0, 1, 64, 1000, MAX_PLAINTEXT - 6, MAX_PLAINTEXT, 200_000, 2 * 1024 * 1024]
-    sent = [rng.randbytes(n) for n in sizes] + [rng.randbytes(rng.randrange(5000)) for _ in range(300)]
+    sent = [rng.randbytes(n) for n in sizes] + [
+        rng.randbytes(rng.randrange(5000)) for _ in range(300)
+    ]
     for m in sent:
         assert pair.a.send_message(m, 0)
     pair.pump()
@@ -183,7 +186,9 @@ def test_priorities_order_queued_messages() -> None:
     pair.pump()
     got = [(m.priority, m.data) for m in pair.messages_b()]
     assert got == (
-        [(0, b"high%d" % i) for i in range(5)] + [(4, b"mid")] + [(9, b"low%d" % i) for i in range(5)]
+        [(0, b"high%d" % i) for i in range(5)]
+        + [(4, b"mid")]
+        + [(9, b"low%d" % i) for i in range(5)]
     )
 
 
@@ -304,7 +309,9 @@ def test_dead_peer_detected_by_heartbeat_timeout() -> None:
 
 def test_live_peer_is_not_timed_out() -> None:
     params = make_params(heartbeat_interval=1.0, heartbeat_timeout=3.0)
-    pair = established_pair(params_a=params, params_b=make_params(heartbeat_interval=1.0, heartbeat_timeout=3.0))
+    pair = established_pair(
+        params_a=params, params_b=make_params(heartbeat_interval=1.0, heartbeat_timeout=3.0)
+    )
     for _ in range(20):
         pair.tick(0.5)
     assert pair.a.established and pair.b.established

@@ -13,7 +13,7 @@ from typing import Protocol
 
 from crust.events import MessageReceived
 from crust.identity import PeerId
-from crust.proto.session import Closed, CloseCode, Session, SessionEvent
+from crust.proto.session import CloseCode, Closed, Session, SessionEvent
 
 WRITE_CHUNK = 256 * 1024
 """Bytes of records produced per pull while the transport accepts more."""

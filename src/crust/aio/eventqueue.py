@@ -81,7 +81,6 @@ class EventQueue:
         return item
 
 
-
 class EventStream:
     """``async for event in svc.events()``: yields queued events without suspending."""
 

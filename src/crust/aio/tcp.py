@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import Callable
 from typing import Any, cast
@@ -34,10 +35,8 @@ class TcpProtocol(asyncio.BufferedProtocol):
         tr.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         sock = tr.get_extra_info("socket")
         if sock is not None:
-            try:
+            with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
         try:
             conn = self._make(tr)
         except Exception as exc:

@@ -146,7 +146,13 @@ class Closed:
 
 
 SessionEvent = (
-    HandshakeCompleted | Selected | Accepted | ControlReceived | PongReceived | Closed | MessageReceived
+    HandshakeCompleted
+    | Selected
+    | Accepted
+    | ControlReceived
+    | PongReceived
+    | Closed
+    | MessageReceived
 )
 
 
@@ -391,9 +397,7 @@ class Session:
             self._finish(Closed(self.close_code or 0, self._close_reason, by_peer=False))
             return
         if now - self._last_rx >= self.params.heartbeat_timeout:
-            self._finish(
-                Closed(CloseCode.TIMEOUT, "heartbeat timeout", by_peer=False, error=None)
-            )
+            self._finish(Closed(CloseCode.TIMEOUT, "heartbeat timeout", by_peer=False, error=None))
             return
         if now >= self._next_ping:
             self._next_ping = now + self.params.heartbeat_interval
@@ -430,7 +434,9 @@ class Session:
     def _fail(self, exc: ProtocolError) -> None:
         if self._send is not None and self.state is State.ESTABLISHED:
             # tell the peer why, best effort, before closing
-            self._control = [(Kind.CLOSE, bytes([CloseCode.PROTOCOL_ERROR]) + str(exc).encode()[:200])]
+            self._control = [
+                (Kind.CLOSE, bytes([CloseCode.PROTOCOL_ERROR]) + str(exc).encode()[:200])
+            ]
             self._active.clear()
             self._pack_records()
         self._finish(Closed(CloseCode.PROTOCOL_ERROR, str(exc), by_peer=False, error=exc))
@@ -460,7 +466,9 @@ class Session:
                 raise ProtocolError("not a crust peer (bad magic)")
             if header[4] != VERSION:
                 self._emit_raw(bytes([STATUS_VERSION]))
-                raise VersionMismatch(f"peer speaks protocol version {header[4]}, we speak {VERSION}")
+                raise VersionMismatch(
+                    f"peer speaks protocol version {header[4]}, we speak {VERSION}"
+                )
             if header != self.params.header:
                 self._emit_raw(bytes([STATUS_NETWORK_MISMATCH]))
                 raise NetworkMismatch("peer belongs to another network")
@@ -528,9 +536,7 @@ class Session:
         if remote_static is None or not peer.verify(sig, STATIC_KEY_CONTEXT + remote_static):
             raise PeerAuthenticationError("peer id signature over the Noise key is invalid")
         if self.expected_peer is not None and peer != self.expected_peer:
-            raise PeerAuthenticationError(
-                f"peer is {peer}, expected {self.expected_peer}"
-            )
+            raise PeerAuthenticationError(f"peer is {peer}, expected {self.expected_peer}")
         self.peer_id = peer
         self.remote_hello = _sanitize_hello(hello)
 

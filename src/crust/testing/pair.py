@@ -41,7 +41,9 @@ class SessionPair:
         self.clock = clock or FakeClock()
         self.params_a = params_a or make_params()
         self.params_b = params_b or make_params()
-        self.a = Session(self.params_a, initiator=True, now=self.clock.now, expected_peer=expected_peer)
+        self.a = Session(
+            self.params_a, initiator=True, now=self.clock.now, expected_peer=expected_peer
+        )
         self.b = Session(self.params_b, initiator=False, now=self.clock.now)
         self.events_a: list[SessionEvent] = []
         self.events_b: list[SessionEvent] = []
