@@ -45,7 +45,16 @@ from crust.service import Service
 
 log = logging.getLogger("crust.cli")
 
-COMMANDS = ("bootstrap", "connect", "send", "disconnect", "peers", "endpoints", "statistics", "quit")
+COMMANDS = (
+    "bootstrap",
+    "connect",
+    "send",
+    "disconnect",
+    "peers",
+    "endpoints",
+    "statistics",
+    "quit",
+)
 
 
 class Output:
@@ -180,8 +189,9 @@ class Node:
                 self._take_line(line)
         finally:
             transport.close()
+            # the pipe transport made the (shared) open file description non-blocking
             with contextlib.suppress(OSError):
-                os.set_blocking(fd, True)  # the pipe transport made the shared description O_NONBLOCK
+                os.set_blocking(fd, True)
         self._input_closed()
 
     def _input_closed(self) -> None:
@@ -221,7 +231,12 @@ class Node:
     async def pump_events(self) -> None:
         """Print every library event until the service closes."""
         async for event in self.svc.events():
-            self.out.emit(encode_event(event))
+            try:
+                line = encode_event(event)
+            except Exception as exc:  # never let one odd event stop the output
+                log.exception("cannot encode %r", event)
+                line = _error_obj(exc)
+            self.out.emit(line)
 
     async def connect_at_start(self, contact: str) -> None:
         with contextlib.suppress(errors.CrustError):  # reported as a connect_failed event
@@ -232,7 +247,9 @@ class Node:
     async def _bootstrap(self, cmd: JsonObject) -> JsonObject | None:
         native = native_bootstrap(self.svc)
         if native is not None:
-            await native()  # the library reports bootstrap_connected / bootstrap_failed itself
+            # the library reports bootstrap_connected / bootstrap_failed as events itself
+            with contextlib.suppress(errors.BootstrapFailed):
+                await native()
             return None
         try:
             peer = await bootstrap(self.svc)
@@ -241,18 +258,23 @@ class Node:
         return encode_event(BootstrapConnected(peer))
 
     async def _connect(self, cmd: JsonObject) -> JsonObject | None:
-        target = get_str(cmd, "to")
-        if "://" in target:
+        target: str | PeerId | list[str]
+        raw = cmd.get("to")
+        if isinstance(raw, list) and raw and all(isinstance(c, str) for c in raw):
+            # several contacts of one peer, raced
+            target = [c for c in raw if Contact.parse(c, field="to")]
+        elif "://" in get_str(cmd, "to"):
+            target = get_str(cmd, "to")
             Contact.parse(target, field="to")
         else:
-            get_peer(cmd, "to")
+            target = get_peer(cmd, "to")
         try:
             peer = await self.svc.connect(target)
         except errors.ServiceClosed:
             raise
         except errors.CrustError:
             return None  # the library reported it as a connect_failed event
-        return {"event": "connected", "peer": str(peer), "to": target}
+        return {"event": "connected", "peer": str(peer), "to": raw}
 
     async def _send(self, cmd: JsonObject) -> JsonObject | None:
         peer = get_peer(cmd)
@@ -333,13 +355,12 @@ async def run_node(opts: NodeOptions) -> int:
     out = Output(opts.json_mode)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    installed: list[int] = []
+    installed: list[signal.Signals] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(sig, stop.set)
             installed.append(sig)
     svc = Service(opts.config, identity=opts.identity)
-    pump: asyncio.Task[None] | None = None
     try:
         await svc.start()
         out.emit({"event": "ready", "peer_id": str(svc.peer_id), "contacts": svc.contacts()})
@@ -347,7 +368,7 @@ async def run_node(opts: NodeOptions) -> int:
             out.note('commands: one JSON object per line, e.g. {"cmd": "peers"}; Ctrl-C stops')
         async with asyncio.TaskGroup() as tg:
             node = Node(svc, out, stop, tg)
-            pump = tg.create_task(node.pump_events())
+            tg.create_task(node.pump_events())
             node.spawn(node.read_commands())
             for contact in opts.contacts:
                 node.spawn(node.connect_at_start(contact))
@@ -356,8 +377,6 @@ async def run_node(opts: NodeOptions) -> int:
             await svc.aclose()  # ends the event stream, so the pump finishes
     finally:
         await svc.aclose()
-        if pump is not None and not pump.done():
-            pump.cancel()
         for sig in installed:
             loop.remove_signal_handler(sig)
     out.emit({"event": "stopped"})
