@@ -7,7 +7,8 @@ A lab is described by a :class:`LabSpec` (routers and hosts) and built by :class
         hosts=[HostSpec("pub"), HostSpec("ha", router="ra")],
     )
     with Lab(spec) as lab:
-        lab.run("ha", ["ping", "-c1", lab.host("pub").address])
+        lab.run("ha", ["ip", "route"])                    # a command inside a namespace
+        node = lab.spawn_python("ha", ["-m", "crust"])    # tracked, killed on teardown
 
 Topology: one *switch* namespace holds Linux bridges -- ``br0`` is the simulated internet
 (198.18.0.0/15), and every router gets its own LAN bridge.  Every other node is a namespace
@@ -38,7 +39,9 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ipaddress
+import json
 import os
+import queue
 import re
 import secrets
 import shutil
@@ -47,7 +50,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import FrameType, TracebackType
 from typing import IO, Any, Final, Literal, get_args
@@ -65,14 +68,17 @@ __all__ = [
     "LabSpec",
     "NatType",
     "Netem",
+    "NetemBackend",
     "Node",
     "Router",
     "RouterSpec",
     "cleanup_prefix",
+    "coturn_argv",
     "list_namespaces",
     "missing_requirements",
     "nftables_ruleset",
     "pair_spec",
+    "start_coturn",
 ]
 
 NatType = Literal["none", "full-cone", "restricted", "port-restricted", "symmetric"]
@@ -226,6 +232,31 @@ def cleanup_prefix(prefix: str) -> list[str]:
     names = [ns for ns in list_namespaces() if ns.startswith(prefix)]
     _delete_namespaces(names)
     return names
+
+
+NetemBackend = Literal["tc", "linkemu"]
+_netem_backend_cache: NetemBackend | None = None
+LINKEMU_PATH: Final = os.path.join(os.path.dirname(os.path.abspath(__file__)), "linkemu.py")
+
+
+def _detect_netem_backend(netns: str) -> NetemBackend:
+    """``tc`` when the kernel has ``sch_netem``, else the userspace ``linkemu``.
+
+    ``CRUST_LAB_NETEM=tc|linkemu`` forces one.  Probed once per process on the ``lo`` of a
+    lab namespace.
+    """
+    global _netem_backend_cache
+    forced = os.environ.get("CRUST_LAB_NETEM", "")
+    if forced in ("tc", "linkemu"):
+        return "tc" if forced == "tc" else "linkemu"
+    if _netem_backend_cache is None:
+        probe = ["tc", "-n", netns, "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms"]
+        if run_command(probe, check=False).returncode == 0:
+            run_command(["tc", "-n", netns, "qdisc", "del", "dev", "lo", "root"], check=False)
+            _netem_backend_cache = "tc"
+        else:
+            _netem_backend_cache = "linkemu"
+    return _netem_backend_cache
 
 
 def missing_requirements() -> str | None:
@@ -417,7 +448,10 @@ def nftables_ruleset(router: Router) -> str:
             f"    flags dynamic, timeout; timeout {t}s;",
             "  }",
         ]
-    lines += ["  chain prerouting {", "    type nat hook prerouting priority dstnat; policy accept;"]
+    lines += [
+        "  chain prerouting {",
+        "    type nat hook prerouting priority dstnat; policy accept;",
+    ]
     if router.nat == "full-cone":
         lines.append(
             f'    iifname "{wan}" ip daddr {wan_addr} {tcpudp}'
@@ -541,12 +575,63 @@ class LabProcess:
         return f"LabProcess(node={self.node!r}, pid={self.pid}, argv={self.argv!r})"
 
 
+class _LineAgent:
+    """A helper process spoken to in JSON lines (one answer per request)."""
+
+    def __init__(self, proc: LabProcess, what: str) -> None:
+        self.proc = proc
+        self.what = what
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+        hello = self._read(10.0)
+        if not hello.get("ready"):
+            raise LabError(f"{what} did not start: {hello}")
+
+    def _pump(self) -> None:
+        stream = self.proc.stdout
+        try:
+            if stream is not None:
+                for line in stream:
+                    self._lines.put(line)
+        except (OSError, ValueError):
+            pass
+        self._lines.put(None)
+
+    def _read(self, timeout: float) -> dict[str, Any]:
+        try:
+            line = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            raise LabError(f"{self.what}: no answer within {timeout}s") from None
+        if line is None:
+            raise LabError(f"{self.what} exited (rc={self.proc.poll()})")
+        result: dict[str, Any] = json.loads(line)
+        return result
+
+    def configure(self, request: Mapping[str, Any]) -> None:
+        stdin = self.proc.stdin
+        if stdin is None:
+            raise LabError(f"{self.what} has no stdin")
+        stdin.write(json.dumps(dict(request)) + "\n")
+        stdin.flush()
+        answer = self._read(10.0)
+        if not answer.get("ok"):
+            raise LabError(f"{self.what}: {answer.get('error')}")
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(2.0)
+        self.proc.stop()
+
+
 # --------------------------------------------------------------------------------------------
 # Registry for atexit / signal teardown
 # --------------------------------------------------------------------------------------------
 
 _live_labs: set[Lab] = set()
-_registry_lock = threading.Lock()
+_registry_lock = threading.RLock()  # re-entered by signal handlers
 _handlers_installed = False
 _used_lab_ids: set[str] = set()
 _lab_counter = 0
@@ -560,8 +645,16 @@ def _close_all_labs() -> None:
             lab.close()
 
 
+def _kill_all_labs() -> None:
+    """Teardown from a signal handler: no graceful cleanups (the interrupted frame may hold
+    their locks), SIGKILL every tracked process group, delete the namespaces."""
+    for lab in list(_live_labs):
+        with contextlib.suppress(Exception):
+            lab._teardown(graceful=False)
+
+
 def _on_signal(signum: int, frame: FrameType | None) -> None:
-    _close_all_labs()
+    _kill_all_labs()
     previous = _previous_handlers.get(signum, signal.SIG_DFL)
     if callable(previous):
         previous(signum, frame)
@@ -632,9 +725,13 @@ class Lab:
         self._namespaces: list[str] = []
         self._processes: list[LabProcess] = []
         self._cleanups: list[Callable[[], None]] = []
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._built = False
         self._closed = False
+        self._torn_down = False
+        self._netem_backend: NetemBackend | None = None
+        self._wired: set[str] = set()
+        self._linkemu_agent: _LineAgent | None = None
         #: Measured seconds: ``build`` and ``teardown``.
         self.timings: dict[str, float] = {}
 
@@ -646,7 +743,8 @@ class Lab:
     def _make_plan(self, spec: LabSpec) -> _Plan:
         max_len = _NS_MAX_LEN - len(self.prefix)
         names: set[str] = set()
-        for item in [*spec.routers, *spec.hosts]:
+        items: list[RouterSpec | HostSpec] = [*spec.routers, *spec.hosts]
+        for item in items:
             if not _NAME_RE.match(item.name) or len(item.name) > max_len:
                 raise ValueError(
                     f"node name {item.name!r} must match [a-z][a-z0-9]* and have at most "
@@ -939,7 +1037,9 @@ class Lab:
             if r.wan_gateway is not None:
                 cmds.append(f"route add default via {r.wan_gateway} dev {r.wan_iface}")
             self._batch(r.netns, cmds)
-            run_command(["ip", "netns", "exec", r.netns, "nft", "-f", "-"], input=nftables_ruleset(r))
+            run_command(
+                ["ip", "netns", "exec", r.netns, "nft", "-f", "-"], input=nftables_ruleset(r)
+            )
             spec = next(s for s in self.spec.routers if s.name == r.name)
             ct: dict[str, str | int] = {}
             if spec.udp_timeout is not None:
@@ -965,12 +1065,58 @@ class Lab:
             if link.netem is not None:
                 self._apply_netem(link, link.netem)
 
+    @property
+    def netem_backend(self) -> NetemBackend:
+        """``"tc"`` (kernel ``sch_netem``) or ``"linkemu"`` (userspace fallback, see linkemu.py)."""
+        if self._netem_backend is None:
+            self._netem_backend = _detect_netem_backend(self.switch_ns)
+        return self._netem_backend
+
     def _apply_netem(self, link: _Link, netem: Netem | None) -> None:
-        for ns, dev in ((self._ns(link.node), link.iface), (self.switch_ns, link.port)):
+        if self.netem_backend == "tc":
+            for ns, dev in ((self._ns(link.node), link.iface), (self.switch_ns, link.port)):
+                if netem is None:
+                    run_command(["tc", "-n", ns, "qdisc", "del", "dev", dev, "root"], check=False)
+                else:
+                    run_command(
+                        ["tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", *netem.tc_args()]
+                    )
+            return
+        if link.port not in self._wired:
             if netem is None:
-                run_command(["tc", "-n", ns, "qdisc", "del", "dev", dev, "root"], check=False)
-            else:
-                run_command(["tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", *netem.tc_args()])
+                return
+            # Take the switch port off its bridge and splice the emulator in between:
+            #   node eth0 <-> pN ==linkemu== pNw <-> pNb (in the bridge)
+            w, b = f"{link.port}w", f"{link.port}b"
+            self._batch(
+                self.switch_ns,
+                [
+                    f"link set {link.port} nomaster",
+                    f"link add {w} type veth peer name {b}",
+                    f"link set {b} master {link.bridge} up",
+                    f"link set {w} up",
+                ],
+            )
+            self._wired.add(link.port)
+        impairment = netem or Netem()
+        self._linkemu().configure(
+            {
+                "a": link.port,
+                "b": f"{link.port}w",
+                "delay_ms": impairment.delay_ms,
+                "jitter_ms": impairment.jitter_ms,
+                "loss_pct": impairment.loss_pct,
+            }
+        )
+
+    def _linkemu(self) -> _LineAgent:
+        if self._linkemu_agent is None:
+            proc = self.spawn_python(
+                "sw", ["-u", LINKEMU_PATH], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+            )
+            self._linkemu_agent = _LineAgent(proc, "linkemu")
+            self.add_cleanup(self._linkemu_agent.close)
+        return self._linkemu_agent
 
     def set_netem(self, node: str | Node, netem: Netem | None, iface: str | None = None) -> None:
         """Change (or with ``None`` remove) the impairment on a node's link, both directions.
@@ -1092,21 +1238,30 @@ class Lab:
 
     def close(self) -> None:
         """Kill every process started in the lab and delete every namespace.  Idempotent."""
-        with self._lock:
-            if self._closed:
+        self._teardown(graceful=True)
+
+    def _teardown(self, graceful: bool) -> None:
+        """``graceful``: run cleanups, stop processes politely.  Otherwise (signal handler):
+        take no lock another frame of the main thread may hold, SIGKILL, delete namespaces."""
+        with self._lock:  # an RLock: a signal handler in the main thread may re-enter
+            if self._torn_down or (graceful and self._closed):
                 return
             self._closed = True
         start = time.monotonic()
         errors: list[BaseException] = []
-        while self._cleanups:
-            fn = self._cleanups.pop()
-            try:
-                fn()
-            except Exception as exc:
-                errors.append(exc)
+        if graceful:
+            while self._cleanups:
+                fn = self._cleanups.pop()
+                try:
+                    fn()
+                except Exception as exc:
+                    errors.append(exc)
         for proc in reversed(self._processes):
             try:
-                proc.stop()
+                if graceful:
+                    proc.stop()
+                elif proc.popen.returncode is None:
+                    _kill_group(proc.pid, signal.SIGKILL)
             except Exception as exc:
                 errors.append(exc)
         # Node namespaces first (their veths vanish with them), the switch last.
@@ -1123,6 +1278,7 @@ class Lab:
             with contextlib.suppress(Exception):
                 _delete_namespaces(leftovers)
             leftovers = [ns for ns in _ns_names_or_empty() if ns.startswith(self.prefix)]
+        self._torn_down = not leftovers
         with _registry_lock:
             _live_labs.discard(self)
             if not leftovers:
@@ -1148,6 +1304,70 @@ class Lab:
             where = h.router or "internet"
             lines.append(f"  host {h.name}: {', '.join(h.addresses)} (on {where})")
         return "\n".join(lines)
+
+
+def coturn_argv(
+    addresses: Sequence[str],
+    workdir: str | os.PathLike[str],
+    port: int = 3478,
+    alt_port: int = 3479,
+) -> list[str]:
+    """A ``turnserver`` command line serving STUN only on ``addresses`` (lab addresses).
+
+    Nothing outside ``workdir`` is read or written: no config file (``-n``), pid file, SQLite
+    db and log inside ``workdir``; no TLS/DTLS, no CLI, no authentication.  With two addresses
+    coturn also answers RFC 5780 CHANGE-REQUESTs (OTHER-ADDRESS, ``alt_port``).
+    """
+    if not addresses:
+        raise ValueError("coturn needs at least one listening address")
+    wd = os.fspath(workdir)
+    argv = ["turnserver", "-n"]
+    for addr in addresses:
+        argv += ["--listening-ip", addr]
+    argv += [
+        "--relay-ip",
+        addresses[0],
+        "--listening-port",
+        str(port),
+        "--alt-listening-port",
+        str(alt_port),
+        "--stun-only",
+        "--no-auth",
+        "--no-tls",
+        "--no-dtls",
+        "--no-cli",
+        "--no-software-attribute",
+        "--pidfile",
+        os.path.join(wd, "turnserver.pid"),
+        "--db",
+        os.path.join(wd, "turndb"),
+        "--log-file",
+        os.path.join(wd, "turnserver.log"),
+        "--simple-log",
+        "--no-stdout-log",
+    ]
+    return argv
+
+
+def start_coturn(
+    lab: Lab,
+    node: str,
+    workdir: str | os.PathLike[str],
+    addresses: Sequence[str] | None = None,
+    port: int = 3478,
+    alt_port: int = 3479,
+) -> LabProcess:
+    """Start coturn as a STUN server in ``node`` (default: on all of the host's addresses).
+
+    The process is tracked by the lab; wait for it with a STUN request before use.
+    """
+    addrs = list(addresses) if addresses is not None else lab.host(node).addresses
+    return lab.spawn(
+        node,
+        coturn_argv(addrs, workdir, port, alt_port),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

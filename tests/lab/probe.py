@@ -16,6 +16,7 @@ Only the standard library is used, so the script runs with any Python >= 3.11.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -129,10 +130,8 @@ class _Agent:
                 return
             if data.startswith(b"Q "):
                 reply = {"nonce": data[2:].decode(errors="replace"), "observed": list(src)}
-                try:
+                with contextlib.suppress(OSError):
                     s.sendto(json.dumps(reply).encode(), src)
-                except OSError:
-                    pass
 
     def op_tcp_echo(self, cmd: dict[str, Any]) -> dict[str, Any]:
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -152,11 +151,8 @@ class _Agent:
                 conn, src = s.accept()
             except OSError:
                 return
-            with conn:
-                try:
-                    conn.sendall(json.dumps({"observed": list(src)}).encode() + b"\n")
-                except OSError:
-                    pass
+            with conn, contextlib.suppress(OSError):
+                conn.sendall(json.dumps({"observed": list(src)}).encode() + b"\n")
 
     def op_tcp_query(self, cmd: dict[str, Any]) -> dict[str, Any]:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -175,6 +171,50 @@ class _Agent:
                 return {"observed": None, "error": str(exc)}
             local = s.getsockname()
         return {"observed": json.loads(buf)["observed"], "local": list(local)}
+
+    def op_tcp_sink(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """A TCP listener that reads each connection to EOF and answers the byte count."""
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((cmd.get("addr", "0.0.0.0"), int(cmd.get("port", 0))))
+        s.listen(16)
+        sid = self._add(s)
+        self.echoing.add(sid)
+        threading.Thread(target=self._tcp_sink_loop, args=(s,), daemon=True).start()
+        addr, port = s.getsockname()
+        return {"sock": sid, "addr": addr, "port": port}
+
+    @staticmethod
+    def _tcp_sink_loop(s: socket.socket) -> None:
+        while True:
+            try:
+                conn, _ = s.accept()
+            except OSError:
+                return
+            with conn, contextlib.suppress(OSError):
+                total = 0
+                while chunk := conn.recv(1 << 16):
+                    total += len(chunk)
+                    if chunk.endswith(b"\n"):
+                        break
+                conn.sendall(f"{total}\n".encode())
+
+    def op_tcp_bulk(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """Send ``nbytes`` (ending in a newline) to a TCP sink; answer its count and the time."""
+        nbytes = int(cmd["nbytes"])
+        payload = b"x" * (nbytes - 1) + b"\n"
+        start = time.monotonic()
+        with socket.create_connection(
+            (cmd["to"][0], int(cmd["to"][1])), timeout=float(cmd.get("timeout", 10.0))
+        ) as s:
+            s.sendall(payload)
+            reply = b""
+            while not reply.endswith(b"\n"):
+                chunk = s.recv(64)
+                if not chunk:
+                    break
+                reply += chunk
+        return {"received": int(reply or b"-1"), "seconds": time.monotonic() - start}
 
     def op_send(self, cmd: dict[str, Any]) -> dict[str, Any]:
         _, s = self._sock(cmd)
@@ -373,7 +413,8 @@ class Probe:
         self._stderr: list[str] = []
         self._lock = threading.Lock()
         self._closed = False
-        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout is not None
+        assert proc.stderr is not None
         threading.Thread(target=self._pump, args=(proc.stdout, self._lines), daemon=True).start()
         threading.Thread(target=self._pump_err, args=(proc.stderr,), daemon=True).start()
 
@@ -447,6 +488,15 @@ class Probe:
         """A TCP listener that writes the observed source address to every connection."""
         return int(self.call("tcp_echo", addr=addr, port=port)["port"])
 
+    def tcp_sink(self, addr: str, port: int) -> int:
+        """A TCP listener that answers every connection with the number of bytes it read."""
+        return int(self.call("tcp_sink", addr=addr, port=port)["port"])
+
+    def tcp_bulk(self, sink: Addr, nbytes: int, timeout: float = 10.0) -> tuple[int, float]:
+        """Send ``nbytes`` to a :meth:`tcp_sink`; returns (bytes it counted, seconds)."""
+        res = self.call("tcp_bulk", to=list(sink), nbytes=nbytes, timeout=timeout)
+        return int(res["received"]), float(res["seconds"])
+
     def tcp_query(self, echo: Addr, port: int = 0, timeout: float = 3.0) -> Addr | None:
         res = self.call("tcp_query", to=list(echo), port=port, timeout=timeout)
         if res["observed"] is None:
@@ -460,14 +510,10 @@ class Probe:
             self._closed = True
         stdin = self.proc.stdin
         if stdin is not None:
-            try:
+            with contextlib.suppress(OSError):
                 stdin.close()
-            except OSError:
-                pass
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(2.0)
-        except subprocess.TimeoutExpired:
-            pass
         self.proc.stop()
 
 
