@@ -61,6 +61,8 @@ class Config:
     connect_timeout: float = 20.0
     connect_stagger: float = 0.25
     """Happy-Eyeballs delay between starting successive connection attempts."""
+    tcp_head_start: float = 0.05
+    """When a peer's TCP and QUIC contacts are raced, QUIC attempts start this much later."""
     duplicate_probe_timeout: float = 2.0
     """How long an existing connection may take to answer before a new one replaces it."""
     send_queue_size: int = 16 * MiB
@@ -85,7 +87,9 @@ class Config:
         if self.quic_certificates in ("private-ca", "public-ca"):
             for name in ("quic_certificate_file", "quic_private_key_file"):
                 if getattr(self, name) is None:
-                    raise ConfigError(f"required when quic_certificates is {self.quic_certificates!r}", name)
+                    raise ConfigError(
+                        f"required when quic_certificates is {self.quic_certificates!r}", name
+                    )
         if self.quic_certificates == "private-ca" and self.quic_ca_file is None:
             raise ConfigError("required when quic_certificates is 'private-ca'", "quic_ca_file")
 
@@ -260,6 +264,7 @@ _CHECKS: dict[str, Any] = {
     "handshake_timeout": _seconds(0.05, 3600),
     "connect_timeout": _seconds(0.05, 3600),
     "connect_stagger": _seconds(0.0, 60),
+    "tcp_head_start": _seconds(0.0, 60),
     "duplicate_probe_timeout": _seconds(0.01, 600),
     "send_queue_size": _int_range(64 * 1024, 64 * 1024 * MiB),
     "event_queue_size": _int_range(16, 10_000_000),

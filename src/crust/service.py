@@ -15,7 +15,9 @@ import ifaddr
 from crust import errors
 from crust.aio.connection import Connection, closed_reason
 from crust.aio.eventqueue import EventQueue, EventStream
+from crust.aio.quic import QuicLink, QuicSettings
 from crust.aio.tcp import TcpProtocol, sock_contact
+from crust.aio.udp_mux import Address, UdpMux
 from crust.config import Config, parse_acl_entry
 from crust.contact import Contact
 from crust.events import (
@@ -109,6 +111,11 @@ class Service:
         self._pongs: dict[Connection, asyncio.Event] = {}
         self._replaced: set[Connection] = set()
         self._servers: list[asyncio.Server] = []
+        self._muxes: list[UdpMux] = []
+        """QUIC listeners: one UDP socket each, also used to dial out."""
+        self._client_muxes: dict[str, UdpMux] = {}
+        """Client-only QUIC sockets (by bind host) when no listener fits a destination."""
+        self._quic_settings: QuicSettings | None = None
         self._endpoints: list[EndpointPair] = []
         self._known: dict[PeerId, list[str]] = {}
         self._counters = _Counters()
@@ -145,14 +152,7 @@ class Service:
             if contact.scheme == "tcp":
                 await self._listen_tcp(contact)
             else:
-                self._emit(
-                    ListenerFailed(
-                        text,
-                        errors.ConfigError(
-                            "QUIC listeners are not available in this version", "listen"
-                        ),
-                    )
-                )
+                self._listen_quic(contact)
         self._params.hello_extra["contacts"] = self.contacts()[:MAX_CONTACTS_PER_PEER]
 
     async def aclose(self) -> None:
@@ -178,6 +178,8 @@ class Service:
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1.0)
+        for mux in [*self._muxes, *self._client_muxes.values()]:
+            mux.close()
         for task in list(self._tasks):
             task.cancel()
         if self._tg is not None:
@@ -242,6 +244,109 @@ class Service:
             self._endpoints.append(EndpointPair("tcp", local, None))
             self._emit(ListenerStarted(local))
 
+    def _quic(self) -> QuicSettings:
+        """The TLS side of QUIC: a throwaway self-signed certificate per service (peer
+        identity is proven by the Noise handshake inside the stream)."""
+        if self._quic_settings is None:
+            cfg = self.config
+            if cfg.quic_certificates != "self-signed":
+                raise errors.ConfigError(
+                    f"{cfg.quic_certificates!r} is not implemented yet (use 'self-signed')",
+                    "quic_certificates",
+                )
+            self._quic_settings = QuicSettings.self_signed(
+                cfg.network_name,
+                idle_timeout=max(2 * cfg.heartbeat_timeout, cfg.handshake_timeout),
+                handshake_timeout=cfg.handshake_timeout,
+            )
+        return self._quic_settings
+
+    def _listen_quic(self, contact: Contact) -> None:
+        try:
+            self._quic()
+            mux = UdpMux.bind(
+                contact.host,
+                contact.port,
+                acceptor=self._accept_quic,
+                max_connections=self.config.max_connections,
+                max_pending_handshakes=self.config.max_pending_handshakes,
+            )
+        except errors.ConfigError as exc:
+            self._emit(ListenerFailed(str(contact), exc))
+            return
+        except OSError as exc:
+            err = errors.ConfigError(f"cannot listen on {contact}: {exc.strerror}", "listen")
+            err.__cause__ = exc
+            self._emit(ListenerFailed(str(contact), err))
+            return
+        self._muxes.append(mux)
+        local = str(Contact.from_address("quic", mux.local_address))
+        self._endpoints.append(EndpointPair("quic", local, None))
+        self._emit(ListenerStarted(local))
+
+    def _accept_quic(
+        self, mux: UdpMux, addr: Address, original_dcid: bytes, retry_scid: bytes | None
+    ) -> QuicLink | None:
+        """A new validated QUIC client (after Retry): refuse early or create its link."""
+        reason = self._inbound_refusal(addr[0])
+        link = QuicLink.accept(
+            mux,
+            addr,
+            original_dcid,
+            retry_scid,
+            self._quic(),
+            on_ready=self._quic_inbound_ready,
+            on_failed=self._quic_inbound_failed,
+        )
+        if reason is not None:
+            # the address is validated (Retry): tell it at once (CONNECTION_REFUSED)
+            self._counters.refused += 1
+            log.debug("refused QUIC from %s: %s", addr, reason)
+            link.refusal = reason
+        return link
+
+    def _quic_inbound_ready(self, link: QuicLink) -> None:
+        reason = self._inbound_refusal(link.remote_address[0])
+        if reason is not None:
+            self._counters.refused += 1
+            link.abort()
+            return
+        conn = self._new_connection(
+            link.remote, link.local, initiator=False, expected=None, transport_name="quic"
+        )
+        link.attach(conn)
+
+    def _quic_inbound_failed(self, link: QuicLink, err: BaseException) -> None:
+        if isinstance(err, errors.HandshakeError):
+            self._counters.handshake_failures += 1
+
+    def _dial_mux(self, contact: Contact) -> UdpMux:
+        """The UDP socket to dial ``contact`` from: a listener's (same family, able to reach
+        it) or a client-only one, created on first use and closed with the service."""
+        target = ipaddress.ip_address(contact.host)
+        for mux in self._muxes:
+            bound = ipaddress.ip_address(mux.local_address[0])
+            if bound.version != target.version or not mux.can_dial():
+                continue
+            if bound.is_unspecified or bound.is_loopback == target.is_loopback:
+                return mux
+        if target.is_loopback:
+            host = str(ipaddress.ip_address("::1" if target.version == 6 else "127.0.0.1"))
+        else:
+            host = "::" if target.version == 6 else "0.0.0.0"
+        client = self._client_muxes.get(host)
+        if client is None or client.closed:
+            try:
+                client = UdpMux.bind(
+                    host, 0, acceptor=None, max_connections=self.config.max_connections
+                )
+            except OSError as exc:
+                raise errors.ConnectError(f"{contact}: cannot open a UDP socket: {exc}") from exc
+            self._client_muxes[host] = client
+        if not client.can_dial():
+            raise errors.LimitExceeded("max_connections reached")
+        return client
+
     def endpoints(self) -> list[EndpointPair]:
         """Every listener with its local and (when known) external contact."""
         return list(self._endpoints)
@@ -305,30 +410,36 @@ class Service:
         return [c.with_peer(pin) for c in contacts], pin
 
     async def _race(self, contacts: list[Contact]) -> PeerId:
-        """Happy Eyeballs: start attempts staggered (IPv6 first, families interleaved), first
-        one to be established wins, the others are cancelled."""
+        """Happy Eyeballs: start attempts staggered (IPv6 first, families interleaved; TCP
+        gets a ``tcp_head_start`` over QUIC), first one to be established wins, the others are
+        cancelled. An attempt that fails starts the next one at once."""
         contacts = await self._resolve(contacts)
         if not contacts:
             raise errors.ConnectError("no usable contact")
         if len(contacts) == 1:
             return await self._attempt(contacts[0])
+        schedule = self._schedule(contacts)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
         pending: set[asyncio.Task[PeerId]] = set()
         errs: list[BaseException] = []
-        queue = list(contacts)
+        start_next = False
         try:
-            while queue or pending:
-                if queue:
-                    pending.add(asyncio.ensure_future(self._attempt(queue.pop(0))))
+            while schedule or pending:
+                elapsed = loop.time() - start
+                while schedule and (start_next or not pending or schedule[0][0] <= elapsed):
+                    start_next = False
+                    pending.add(asyncio.ensure_future(self._attempt(schedule.pop(0)[1])))
+                timeout = max(0.0, schedule[0][0] - elapsed) if schedule else None
                 done, pending = await asyncio.wait(
-                    pending,
-                    timeout=self.config.connect_stagger if queue else None,
-                    return_when=asyncio.FIRST_COMPLETED,
+                    pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
                 )
                 for task in done:
                     exc = task.exception()
                     if exc is None:
                         return task.result()
                     errs.append(exc)
+                    start_next = True
         finally:
             for task in pending:
                 task.cancel()
@@ -338,19 +449,31 @@ class Service:
             raise errs[0]
         raise errors.ConnectError("every contact failed", errs)
 
+    def _schedule(self, contacts: list[Contact]) -> list[tuple[float, Contact]]:
+        """When each attempt starts (seconds after the first): TCP contacts every
+        ``connect_stagger``; QUIC contacts likewise but ``tcp_head_start`` later when there is
+        TCP to race against."""
+        stagger = self.config.connect_stagger
+        tcp = [c for c in contacts if c.scheme == "tcp"]
+        quic = [c for c in contacts if c.scheme != "tcp"]
+        head = self.config.tcp_head_start if tcp else 0.0
+        out = [(i * stagger, c) for i, c in enumerate(tcp)]
+        out += [(head + i * stagger, c) for i, c in enumerate(quic)]
+        out.sort(key=lambda item: item[0])
+        return out
+
     async def _resolve(self, contacts: list[Contact]) -> list[Contact]:
         out: list[Contact] = []
         loop = asyncio.get_running_loop()
         for c in contacts:
             if c.port == 0:
                 raise errors.ConfigError(f"{c}: cannot connect to port 0", "target")
-            if c.scheme != "tcp":
-                continue  # QUIC arrives with the QUIC transport
             if c.is_ip:
                 out.append(c)
                 continue
+            kind = socket.SOCK_STREAM if c.scheme == "tcp" else socket.SOCK_DGRAM
             try:
-                infos = await loop.getaddrinfo(c.host, c.port, type=socket.SOCK_STREAM)
+                infos = await loop.getaddrinfo(c.host, c.port, type=kind)
             except OSError as exc:
                 raise errors.ConnectError(f"cannot resolve {c.host}: {exc}") from exc
             for info in infos:
@@ -365,15 +488,21 @@ class Service:
         return mixed
 
     async def _attempt(self, contact: Contact) -> PeerId:
-        """Dial one TCP contact and wait until the connection is kept (or proves that another
+        """Dial one contact and wait until the connection is kept (or proves that another
         connection to the same peer is)."""
         self._refuse_address(contact.host)
+        if contact.scheme == "quic":
+            return await self._attempt_quic(contact)
         loop = asyncio.get_running_loop()
         protocol: TcpProtocol | None = None
 
         def make(transport: asyncio.Transport) -> Connection:
             return self._new_connection(
-                transport, initiator=True, expected=contact.peer_id, transport_name="tcp"
+                sock_contact(transport, "peername"),
+                sock_contact(transport, "sockname"),
+                initiator=True,
+                expected=contact.peer_id,
+                transport_name="tcp",
             )
 
         try:
@@ -385,6 +514,32 @@ class Service:
         conn = await protocol.made
         if conn is None:
             raise errors.ConnectError(f"{contact}: connection closed at once")
+        return await self._keep_attempt(conn)
+
+    async def _attempt_quic(self, contact: Contact) -> PeerId:
+        """Dial a QUIC contact from a shared UDP socket; crust's session runs on its first
+        bidirectional stream once the QUIC handshake (ALPN = network) is done."""
+        link = QuicLink.dial(self._dial_mux(contact), contact.address, self._quic())
+        try:
+            await link.ready
+        except BaseException as exc:
+            link.abort()
+            if isinstance(exc, errors.HandshakeError | errors.ConnectError):
+                raise
+            if isinstance(exc, errors.CrustError):
+                raise errors.ConnectError(f"{contact}: {exc}") from exc
+            raise
+        conn = self._new_connection(
+            link.remote,
+            link.local,
+            initiator=True,
+            expected=contact.peer_id,
+            transport_name="quic",
+        )
+        link.attach(conn)
+        return await self._keep_attempt(conn)
+
+    async def _keep_attempt(self, conn: Connection) -> PeerId:
         fut = self._ready[conn]
         try:
             return await self._await_kept(conn, fut)
@@ -430,7 +585,13 @@ class Service:
             self._counters.refused += 1
             log.debug("refused inbound from %s: %s", remote, reason)
             return None
-        return self._new_connection(transport, initiator=False, expected=None, transport_name="tcp")
+        return self._new_connection(
+            remote,
+            sock_contact(transport, "sockname"),
+            initiator=False,
+            expected=None,
+            transport_name="tcp",
+        )
 
     def _inbound_refusal(self, host: str) -> str | None:
         if not self._running:
@@ -451,14 +612,13 @@ class Service:
 
     def _new_connection(
         self,
-        transport: asyncio.Transport,
+        remote: str,
+        local: str,
         *,
         initiator: bool,
         expected: PeerId | None,
         transport_name: str,
     ) -> Connection:
-        remote = sock_contact(transport, "peername")
-        local = sock_contact(transport, "sockname")
         loop = asyncio.get_running_loop()
         session = Session(
             self._params,

@@ -64,12 +64,33 @@ class Watcher:
         await asyncio.gather(self._task, return_exceptions=True)
 
 
+Dial = Callable[[Service], str]
+BOTH = ("tcp://127.0.0.1:0", "quic://127.0.0.1:0")
+
+
+@pytest.fixture(params=["tcp", "quic"])
+def transport(request: pytest.FixtureRequest) -> str:
+    """The conformance suite runs once per transport: the Session is the same on both."""
+    return str(request.param)
+
+
+@pytest.fixture
+def dial(transport: str) -> Dial:
+    """The service's contact of the transport under test."""
+
+    def pick(svc: Service) -> str:
+        return next(c for c in svc.contacts() if c.startswith(transport + "://"))
+
+    return pick
+
+
 @pytest.fixture
 async def make() -> AsyncIterator[Callable[..., Any]]:
     async with AsyncExitStack() as stack:
         watchers: list[Watcher] = []
 
         async def factory(**overrides: Any) -> tuple[Service, Watcher | None]:
+            overrides.setdefault("listen", BOTH)
             identity = overrides.pop("identity", None)
             watch = overrides.pop("watch", True)
             svc = await stack.enter_async_context(
@@ -86,14 +107,14 @@ async def make() -> AsyncIterator[Callable[..., Any]]:
             await w.stop()
 
 
-async def test_connect_send_in_order(make: Callable[..., Any]) -> None:
+async def test_connect_send_in_order(make: Callable[..., Any], dial: Dial, transport: str) -> None:
     a, wa = await make()
     b, wb = await make()
-    peer = await a.connect(b.contacts()[0])
+    peer = await a.connect(dial(b))
     assert peer == b.peer_id
     await wa.wait(PeerConnected, lambda e: e.peer == b.peer_id and e.outbound)
     ev = await wb.wait(PeerConnected, lambda e: e.peer == a.peer_id)
-    assert (ev.transport, ev.path, ev.outbound) == ("tcp", "direct", False)
+    assert (ev.transport, ev.path, ev.outbound) == (transport, "direct", False)
     rng = random.Random(7)
     sent = [rng.randbytes(rng.randrange(3000)) for _ in range(2000)]
     for m in sent:
@@ -109,10 +130,10 @@ async def test_connect_send_in_order(make: Callable[..., Any]) -> None:
     assert stats.messages_sent >= 2000 and stats.peers == 1 and stats.connects_outbound == 1
 
 
-async def test_large_messages_both_ways(make: Callable[..., Any]) -> None:
+async def test_large_messages_both_ways(make: Callable[..., Any], dial: Dial) -> None:
     a, wa = await make()
     b, wb = await make()
-    peer = await a.connect(b.contacts()[0])
+    peer = await a.connect(dial(b))
     await wb.wait(PeerConnected)
     big = [random.randbytes(n) for n in (2 * 1024 * 1024, 1_000_000, 65_536, 1)]
     for m in big:
@@ -122,13 +143,29 @@ async def test_large_messages_both_ways(make: Callable[..., Any]) -> None:
     assert [m.data for m in await wa.messages(4)] == big
 
 
-async def test_send_errors(make: Callable[..., Any]) -> None:
+async def test_priorities_overtake_bulk(make: Callable[..., Any], dial: Dial) -> None:
+    a, _ = await make()
+    b, wb = await make()
+    peer = await a.connect(dial(b))
+    bulk = [bytes([i]) * 1_000_000 for i in range(6)]
+    for m in bulk:
+        await a.send(peer, m, priority=200)
+    await a.send(peer, b"urgent", priority=0)
+    got = await wb.messages(len(bulk) + 1)
+    order = [m.data for m in got]
+    # the urgent message does not wait for 6 MB of bulk data queued before it
+    assert order.index(b"urgent") < len(bulk)
+    assert [m for m in order if m != b"urgent"] == bulk
+    assert next(m.priority for m in got if m.data == b"urgent") == 0
+
+
+async def test_send_errors(make: Callable[..., Any], dial: Dial) -> None:
     a, _ = await make()
     b, wb = await make(max_message_size=1000)
     stranger = crust.Identity.generate().peer_id
     with pytest.raises(errors.NotConnected):
         await a.send(stranger, b"x")
-    peer = await a.connect(b.contacts()[0])
+    peer = await a.connect(dial(b))
     with pytest.raises(errors.MessageTooLarge):
         await a.send(peer, bytes(a.config.max_message_size + 1))
     with pytest.raises(errors.InvalidArgument):
@@ -144,12 +181,14 @@ async def test_send_errors(make: Callable[..., Any]) -> None:
     assert b.statistics().protocol_errors == 1
 
 
-async def test_oversized_message_leaves_other_peers_undisturbed(make: Callable[..., Any]) -> None:
+async def test_oversized_message_leaves_other_peers_undisturbed(
+    make: Callable[..., Any], dial: Dial
+) -> None:
     hub, wh = await make(max_message_size=10_000)
     good, _ = await make()
     bad, _ = await make()
-    await good.connect(hub.contacts()[0])
-    await bad.connect(hub.contacts()[0])
+    await good.connect(dial(hub))
+    await bad.connect(dial(hub))
     await bad.send(hub.peer_id, bytes(20_000))
     await wh.wait(PeerLost, lambda e: e.peer == bad.peer_id)
     await good.send(hub.peer_id, b"still fine")
@@ -158,19 +197,19 @@ async def test_oversized_message_leaves_other_peers_undisturbed(make: Callable[.
     assert hub.is_connected(good.peer_id) and not hub.is_connected(bad.peer_id)
 
 
-async def test_wrong_network_name(make: Callable[..., Any]) -> None:
+async def test_wrong_network_name(make: Callable[..., Any], dial: Dial) -> None:
     a, _ = await make(network_name="alpha")
     b, _ = await make(network_name="beta")
     with pytest.raises(errors.NetworkMismatch):
-        await a.connect(b.contacts()[0])
+        await a.connect(dial(b))
     assert not a.peers() and not b.peers()
     assert b.statistics().handshake_failures == 1
 
 
-async def test_wrong_pinned_peer_id(make: Callable[..., Any]) -> None:
+async def test_wrong_pinned_peer_id(make: Callable[..., Any], dial: Dial) -> None:
     a, _ = await make()
     b, _ = await make()
-    contact = crust.Contact.parse(b.contacts()[0]).with_peer(crust.Identity.generate().peer_id)
+    contact = crust.Contact.parse(dial(b)).with_peer(crust.Identity.generate().peer_id)
     with pytest.raises(errors.PeerAuthenticationError):
         await a.connect(str(contact))
     assert not a.peers()
@@ -214,11 +253,13 @@ async def test_connect_failure_names_every_attempt(make: Callable[..., Any]) -> 
     await wa.wait(crust.events.ConnectFailed)
 
 
-async def test_simultaneous_connects_keep_one_connection(make: Callable[..., Any]) -> None:
+async def test_simultaneous_connects_keep_one_connection(
+    make: Callable[..., Any], dial: Dial
+) -> None:
     for _ in range(3):
         a, wa = await make()
         b, wb = await make()
-        ca, cb = a.contacts()[0], b.contacts()[0]
+        ca, cb = dial(a), dial(b)
         results = await asyncio.gather(
             *[a.connect(cb) for _ in range(8)], *[b.connect(ca) for _ in range(8)]
         )
@@ -236,10 +277,10 @@ async def test_simultaneous_connects_keep_one_connection(make: Callable[..., Any
         assert a.statistics().connections == 1 or b.statistics().connections == 1
 
 
-async def test_disconnect_and_reconnect_by_peer_id(make: Callable[..., Any]) -> None:
+async def test_disconnect_and_reconnect_by_peer_id(make: Callable[..., Any], dial: Dial) -> None:
     a, wa = await make()
     b, wb = await make()
-    peer = await a.connect(b.contacts()[0])
+    peer = await a.connect(dial(b))
     await wb.wait(PeerConnected)
     await a.disconnect(peer)
     assert not a.is_connected(peer)
@@ -252,10 +293,10 @@ async def test_disconnect_and_reconnect_by_peer_id(make: Callable[..., Any]) -> 
     assert (await wb.wait(MessageReceived)).data == b"again"
 
 
-async def test_dead_peer_detected_by_heartbeat(make: Callable[..., Any]) -> None:
+async def test_dead_peer_detected_by_heartbeat(make: Callable[..., Any], dial: Dial) -> None:
     a, wa = await make(heartbeat_interval=0.1, heartbeat_timeout=0.6)
     b, _ = await make(heartbeat_interval=0.1, heartbeat_timeout=30.0)
-    peer = await a.connect(b.contacts()[0])
+    peer = await a.connect(dial(b))
     # b freezes: stops reading and stops its timers, as a stopped process would
     conn = b._active[a.peer_id]
     conn.pause_reading()
@@ -265,33 +306,33 @@ async def test_dead_peer_detected_by_heartbeat(make: Callable[..., Any]) -> None
     assert a.statistics().heartbeat_timeouts == 1
 
 
-async def test_blacklist_drops_and_refuses(make: Callable[..., Any]) -> None:
+async def test_blacklist_drops_and_refuses(make: Callable[..., Any], dial: Dial) -> None:
     a, wa = await make()
     b, wb = await make()
-    peer = await a.connect(b.contacts()[0])
+    peer = await a.connect(dial(b))
     await wb.wait(PeerConnected)
     b.blacklist(a.peer_id)
     await wb.wait(PeerLost, lambda e: e.reason == "blacklisted")
     await wa.wait(PeerLost)
     with pytest.raises(errors.CrustError):
-        await a.connect(b.contacts()[0])
+        await a.connect(dial(b))
     assert not b.is_connected(a.peer_id)
     c, _ = await make()
     b.blacklist("127.0.0.0/8")
     with pytest.raises(errors.CrustError):
-        await c.connect(b.contacts()[0])
+        await c.connect(dial(b))
     assert b.statistics().blacklisted >= 2
     assert peer == b.peer_id
 
 
-async def test_whitelist_of_peers(make: Callable[..., Any]) -> None:
+async def test_whitelist_of_peers(make: Callable[..., Any], dial: Dial) -> None:
     friend = crust.Identity.generate()
     b, _ = await make(whitelist=(str(friend.peer_id),))
     a, _ = await make(identity=friend)
     stranger, _ = await make()
-    assert await a.connect(b.contacts()[0]) == b.peer_id
+    assert await a.connect(dial(b)) == b.peer_id
     with pytest.raises(errors.CrustError):
-        await stranger.connect(b.contacts()[0])
+        await stranger.connect(dial(b))
 
 
 async def test_garbage_and_slow_clients_do_not_hurt(make: Callable[..., Any]) -> None:
@@ -315,10 +356,10 @@ async def test_garbage_and_slow_clients_do_not_hurt(make: Callable[..., Any]) ->
     assert b.peers() == [a.peer_id]
 
 
-async def test_event_backpressure_loses_nothing(make: Callable[..., Any]) -> None:
+async def test_event_backpressure_loses_nothing(make: Callable[..., Any], dial: Dial) -> None:
     a, _ = await make()
     b, _ = await make(event_queue_size=16, watch=False)
-    peer = await a.connect(b.contacts()[0])
+    peer = await a.connect(dial(b))
     n = 3000
     for i in range(n):
         await a.send(peer, b"%d" % i)
@@ -332,10 +373,10 @@ async def test_event_backpressure_loses_nothing(make: Callable[..., Any]) -> Non
     assert got == [b"%d" % i for i in range(n)]
 
 
-async def test_self_connection_is_refused(make: Callable[..., Any]) -> None:
+async def test_self_connection_is_refused(make: Callable[..., Any], dial: Dial) -> None:
     a, _ = await make()
     with pytest.raises(errors.ConnectError, match="ourselves"):
-        await a.connect(a.contacts()[0])
+        await a.connect(dial(a))
     assert not a.peers()
 
 

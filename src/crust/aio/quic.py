@@ -1,0 +1,484 @@
+"""QUIC transport: crust's own Session runs on the first bidirectional stream of a QUIC
+connection (aioquic's sans-IO ``QuicConnection``), all connections of a listener share one
+:class:`~crust.aio.udp_mux.UdpMux` socket.
+
+:class:`QuicLink` is both the mux's view of one QUIC connection and the stream transport a
+:class:`~crust.aio.connection.Connection` writes to (``writelines``/``close``/``abort``/
+``pause_reading``/``resume_reading``/``is_closing``), so the Session (Noise XX, framing,
+priorities, heartbeats) behaves exactly as over TCP.
+
+aioquic internals used (no public API exists for them; all behind ``getattr`` with a safe
+fallback): ``QuicConnection._close_event`` to notice a close at once rather than after the
+3 PTO draining period, and the stream sender's ``_buffer_start``/``_buffer_stop`` (bytes
+written but not yet acknowledged) to emulate ``pause_writing``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import hashlib
+import logging
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aioquic.quic import events as qe
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.packet import QuicErrorCode
+from aioquic.tls import AlertDescription
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from crust import errors
+from crust.aio.connection import Connection
+from crust.aio.udp_mux import CID_LENGTH, Address, UdpMux
+from crust.contact import format_address
+
+log = logging.getLogger("crust.quic")
+
+ALPN_PREFIX = "crust/1/"
+MAX_ALPN_NAME = 48
+WRITE_HIGH_WATER = 1024 * 1024
+WRITE_LOW_WATER = 256 * 1024
+PAUSED_BUFFER_LIMIT = 1024 * 1024
+"""While reading is paused, stream data is buffered up to this much; beyond it the link's
+datagrams are dropped unread, so the peer's QUIC stack backs off and resends later."""
+CLOSE_LINGER = 5.0
+"""After our FIN, how long to wait for the peer's FIN before closing the QUIC connection."""
+ALPN_MISMATCH = QuicErrorCode.CRYPTO_ERROR + AlertDescription.no_application_protocol
+
+
+def alpn_for(network_name: str) -> str:
+    """``crust/1/<name>``; a long or non-ASCII name becomes a short hash of it."""
+    if network_name.isascii() and len(network_name) <= MAX_ALPN_NAME:
+        return ALPN_PREFIX + network_name
+    return ALPN_PREFIX + "h:" + hashlib.sha256(network_name.encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class QuicSettings:
+    """What every QUIC connection of one service shares."""
+
+    alpn: str
+    certificate: x509.Certificate
+    private_key: ec.EllipticCurvePrivateKey
+    idle_timeout: float
+    handshake_timeout: float
+
+    @classmethod
+    def self_signed(
+        cls, network_name: str, *, idle_timeout: float, handshake_timeout: float
+    ) -> QuicSettings:
+        cert, key = self_signed_certificate()
+        return cls(alpn_for(network_name), cert, key, idle_timeout, handshake_timeout)
+
+    def configuration(self, *, is_client: bool) -> QuicConfiguration:
+        config = QuicConfiguration(
+            is_client=is_client,
+            alpn_protocols=[self.alpn],
+            connection_id_length=CID_LENGTH,
+            idle_timeout=self.idle_timeout,
+            max_data=16 * 1024 * 1024,
+            max_stream_data=8 * 1024 * 1024,
+        )
+        if is_client:
+            # identity comes from the Noise XX handshake inside the stream, not from TLS
+            config.verify_mode = ssl.CERT_NONE
+        else:
+            config.certificate = self.certificate
+            config.private_key = self.private_key
+        return config
+
+
+def self_signed_certificate() -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A throwaway ECDSA P-256 certificate (TLS only encrypts; Noise authenticates)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "crust")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def termination_error(event: qe.ConnectionTerminated) -> errors.CrustError:
+    if event.error_code == ALPN_MISMATCH:
+        return errors.NetworkMismatch("the peer belongs to another network (QUIC ALPN mismatch)")
+    if event.error_code == QuicErrorCode.CONNECTION_REFUSED:
+        return errors.Refused(f"refused by the peer: {event.reason_phrase or 'no reason'}")
+    what = event.reason_phrase or f"error 0x{event.error_code:x}"
+    return errors.ConnectError(f"QUIC connection closed: {what}")
+
+
+class QuicLink:
+    """One QUIC connection on a mux, presenting its first bidirectional stream as a stream
+    transport to a :class:`Connection`.
+
+    ``ready`` completes when the QUIC handshake is done (ALPN agreed); for a server link
+    ``on_ready(link)`` is called at that moment to attach a Connection (or abort).
+    ``on_failed(link, error)`` reports a handshake that failed (server side statistics).
+    """
+
+    def __init__(
+        self,
+        mux: UdpMux,
+        quic: QuicConnection,
+        remote: Address,
+        settings: QuicSettings,
+        *,
+        on_ready: Callable[[QuicLink], None] | None = None,
+        on_failed: Callable[[QuicLink, BaseException], None] | None = None,
+    ) -> None:
+        self.mux = mux
+        self.quic = quic
+        self.remote_address = remote
+        self.settings = settings
+        self.is_client = quic.configuration.is_client
+        self.remote = format_address("quic", remote)
+        self.local = format_address("quic", mux.local_address)
+        self.conn: Connection | None = None
+        self.on_ready = on_ready
+        self.on_failed = on_failed
+        self.refusal: str | None = None
+        """Set on a server link to refuse the client once its first Initial is processed."""
+        self._loop = asyncio.get_running_loop()
+        self.ready: asyncio.Future[None] = self._loop.create_future()
+        self.ready.add_done_callback(_retrieve)
+        self._stream_id: int | None = None
+        self._handshake_done = False
+        self._closing = False
+        self._fin_sent = False
+        self._fin_received = False
+        self._lost_reported = False
+        self._terminated = False
+        self._read_paused = False
+        self._write_paused = False
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._pending_fin = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._transmit_scheduled = False
+        self._linger: asyncio.TimerHandle | None = None
+        self._deadline: asyncio.TimerHandle | None = self._loop.call_later(
+            settings.handshake_timeout, self._handshake_expired
+        )
+        mux.add_client(self)
+        mux.register(quic.host_cid, self)
+
+    def __repr__(self) -> str:
+        side = "client" if self.is_client else "server"
+        return f"<QuicLink {side} {self.remote}>"
+
+    # ------------------------------------------------------------ construction
+
+    @classmethod
+    def dial(cls, mux: UdpMux, remote: Address, settings: QuicSettings) -> QuicLink:
+        """Start a client connection from ``mux``'s socket; await ``link.ready``."""
+        quic = QuicConnection(configuration=settings.configuration(is_client=True))
+        link = cls(mux, quic, remote, settings)
+        quic.connect(remote, now=link._loop.time())
+        link._stream_id = quic.get_next_available_stream_id()
+        link._transmit()
+        return link
+
+    @classmethod
+    def accept(
+        cls,
+        mux: UdpMux,
+        remote: Address,
+        original_dcid: bytes,
+        retry_scid: bytes | None,
+        settings: QuicSettings,
+        on_ready: Callable[[QuicLink], None],
+        on_failed: Callable[[QuicLink, BaseException], None],
+    ) -> QuicLink:
+        quic = QuicConnection(
+            configuration=settings.configuration(is_client=False),
+            original_destination_connection_id=original_dcid,
+            retry_source_connection_id=retry_scid,
+        )
+        return cls(mux, quic, remote, settings, on_ready=on_ready, on_failed=on_failed)
+
+    def attach(self, conn: Connection) -> None:
+        self.conn = conn
+        conn.attach(self)
+        if self._pending and not self._read_paused:
+            self._loop.call_soon(self._deliver_pending)
+
+    # ------------------------------------------------------------ MuxClient
+
+    @property
+    def handshake_done(self) -> bool:
+        return self._handshake_done
+
+    @property
+    def accepting_datagrams(self) -> bool:
+        return not (self._read_paused and self._pending_bytes >= PAUSED_BUFFER_LIMIT)
+
+    def datagram_received(self, data: bytes, addr: Address, now: float) -> None:
+        self.quic.receive_datagram(data, addr, now)
+
+    def after_batch(self) -> None:
+        if self.refusal is not None and not self._closing:
+            self._closing = True
+            self.on_ready = self.on_failed = None
+            self.quic.close(error_code=QuicErrorCode.CONNECTION_REFUSED, reason_phrase=self.refusal)
+        self._process()
+        self._transmit()
+
+    def detach(self) -> None:
+        """The mux is gone: stop every timer."""
+        self._terminated = True
+        for handle in (self._timer, self._linger, self._deadline):
+            if handle is not None:
+                handle.cancel()
+        self._timer = self._linger = self._deadline = None
+        self._report_lost()
+
+    # ------------------------------------------------------------ StreamTransport
+
+    def writelines(self, data: list[bytes | bytearray], /) -> None:
+        if self._closing or self._stream_id is None:
+            return
+        self.quic.send_stream_data(self._stream_id, b"".join(data))
+        if not self._write_paused and self._unacked() > WRITE_HIGH_WATER:
+            self._write_paused = True
+            if self.conn is not None:
+                self.conn.pause_writing()
+        self._transmit_soon()
+
+    def close(self) -> None:
+        """FIN our stream (after what is written); the QUIC connection closes once the peer
+        has sent its FIN too, or after :data:`CLOSE_LINGER`."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._stream_id is not None and self._handshake_done and not self._terminated:
+            self.quic.send_stream_data(self._stream_id, b"", end_stream=True)
+            self._fin_sent = True
+            if self._fin_received:
+                self.quic.close()
+            else:
+                self._linger = self._loop.call_later(CLOSE_LINGER, self._linger_expired)
+        else:
+            self.quic.close()
+        self._transmit_soon()
+        self._loop.call_soon(self._report_lost)
+
+    def abort(self) -> None:
+        self._closing = True
+        if not self._terminated:
+            self.quic.close(error_code=QuicErrorCode.NO_ERROR, reason_phrase="aborted")
+            self._transmit()
+        if not self.ready.done():
+            self.ready.set_exception(errors.ConnectionClosed("QUIC connection aborted"))
+        self._loop.call_soon(self._report_lost)
+
+    def pause_reading(self) -> None:
+        self._read_paused = True
+
+    def resume_reading(self) -> None:
+        if self._read_paused:
+            self._read_paused = False
+            if self._pending or self._pending_fin:
+                self._loop.call_soon(self._deliver_pending)
+
+    def is_closing(self) -> bool:
+        return self._closing or self._terminated
+
+    # ------------------------------------------------------------ internals
+
+    def _unacked(self) -> int:
+        """Stream bytes handed to aioquic and not yet acknowledged by the peer."""
+        streams: Any = getattr(self.quic, "_streams", None)
+        stream = streams.get(self._stream_id) if streams is not None else None
+        sender = getattr(stream, "sender", None)
+        start = getattr(sender, "_buffer_start", None)
+        stop = getattr(sender, "_buffer_stop", None)
+        if not isinstance(start, int) or not isinstance(stop, int):
+            return 0
+        return stop - start
+
+    def _process(self) -> None:
+        quic = self.quic
+        while (event := quic.next_event()) is not None:
+            if isinstance(event, qe.StreamDataReceived):
+                self._stream_data(event)
+            elif isinstance(event, qe.ConnectionIdIssued):
+                self.mux.register(event.connection_id, self)
+            elif isinstance(event, qe.ConnectionIdRetired):
+                self.mux.unregister(event.connection_id, self)
+            elif isinstance(event, qe.HandshakeCompleted):
+                self._handshake_completed(event)
+            elif isinstance(event, qe.ConnectionTerminated):
+                self._closed_by(event)
+                self._end()
+                return
+        # aioquic reports ConnectionTerminated only after draining (3 PTO): react at once
+        early: Any = getattr(quic, "_close_event", None)
+        if isinstance(early, qe.ConnectionTerminated):
+            self._closed_by(early)
+        if self._write_paused and self._unacked() <= WRITE_LOW_WATER:
+            self._write_paused = False
+            if self.conn is not None and not self._closing:
+                self.conn.resume_writing()
+
+    def _handshake_completed(self, event: qe.HandshakeCompleted) -> None:
+        if event.alpn_protocol != self.settings.alpn:
+            self.quic.close(
+                error_code=ALPN_MISMATCH, reason_phrase="no common application protocol"
+            )
+            return
+        self._handshake_done = True
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        if not self.ready.done():
+            self.ready.set_result(None)
+        if self.on_ready is not None:
+            self.on_ready(self)
+
+    def _stream_data(self, event: qe.StreamDataReceived) -> None:
+        if self._stream_id is None and not self.is_client and event.stream_id == 0:
+            self._stream_id = 0  # the client's first bidirectional stream
+        if event.stream_id != self._stream_id:
+            return  # crust uses one stream; anything else is ignored
+        if event.data:
+            self._pending.append(event.data)
+            self._pending_bytes += len(event.data)
+        if event.end_stream:
+            self._pending_fin = True
+        if not self._read_paused and self.conn is not None:
+            self._deliver_pending()
+
+    def _deliver_pending(self) -> None:
+        conn = self.conn
+        if conn is None:
+            return
+        while self._pending and not self._read_paused:
+            if conn.closed:  # the session is over: what is left has no reader
+                self._pending.clear()
+                self._pending_bytes = 0
+                break
+            chunk = self._pending.pop(0)
+            self._pending_bytes -= len(chunk)
+            conn.data_received(chunk)
+        if self._pending_fin and not self._pending and (not self._read_paused or conn.closed):
+            self._pending_fin = False
+            self._fin_received = True
+            if self._fin_sent:
+                self.quic.close()
+                self._transmit_soon()
+            elif not self._closing:
+                # the peer ended its stream without a clean close: like EOF on TCP
+                self.close()
+
+    def _closed_by(self, event: qe.ConnectionTerminated) -> None:
+        """The QUIC connection is closing (either side): fail or end what uses it."""
+        if self._terminated and self._lost_reported:
+            return
+        self._closing = True
+        if not self._handshake_done:
+            err = termination_error(event)
+            if not self.ready.done():
+                self.ready.set_exception(err)
+            if self.on_failed is not None:
+                on_failed, self.on_failed = self.on_failed, None
+                on_failed(self, err)
+        self._report_lost()
+
+    def _report_lost(self) -> None:
+        if self._lost_reported:
+            return
+        self._lost_reported = True
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        if not self.ready.done():
+            self.ready.set_exception(errors.ConnectionClosed("QUIC connection closed"))
+        conn = self.conn
+        if conn is not None:
+            # data already received is delivered first (the CLOSE frame may be in it)
+            if self._pending and not conn.closed:
+                self._read_paused = False
+                self._deliver_pending()
+            conn.connection_lost(None)
+
+    def _end(self) -> None:
+        """aioquic has terminated the connection: forget it."""
+        self._terminated = True
+        self._closing = True
+        for handle in (self._timer, self._linger, self._deadline):
+            if handle is not None:
+                handle.cancel()
+        self._timer = self._linger = self._deadline = None
+        self.mux.remove_client(self)
+        self._report_lost()
+
+    def _transmit_soon(self) -> None:
+        if not self._transmit_scheduled:
+            self._transmit_scheduled = True
+            self._loop.call_soon(self._transmit)
+
+    def _transmit(self) -> None:
+        self._transmit_scheduled = False
+        if self._terminated:
+            return
+        mux = self.mux
+        for data, addr in self.quic.datagrams_to_send(now=self._loop.time()):
+            mux.sendto(data, addr)
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        when = self.quic.get_timer()
+        if when == self._timer_at and self._timer is not None:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = when
+        if when is not None:
+            self._timer = self._loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        if self._terminated:
+            return
+        self.quic.handle_timer(now=self._loop.time())
+        self._process()
+        self._transmit()
+
+    def _linger_expired(self) -> None:
+        self._linger = None
+        if not self._terminated:
+            self.quic.close()
+            self._transmit()
+
+    def _handshake_expired(self) -> None:
+        self._deadline = None
+        if not self._handshake_done and not self._terminated:
+            if not self.ready.done():
+                self.ready.set_exception(
+                    errors.HandshakeTimeout("QUIC handshake did not complete in time")
+                )
+            self.quic.close(error_code=QuicErrorCode.NO_ERROR, reason_phrase="handshake timeout")
+            self._transmit()
+
+
+def _retrieve(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled():
+        fut.exception()

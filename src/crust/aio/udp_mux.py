@@ -1,0 +1,373 @@
+"""One UDP socket shared by every QUIC connection of a listener (and its outbound dials).
+
+The mux reads datagrams in batches (``loop.add_reader`` + ``recvfrom_into`` into one
+preallocated buffer) and routes each one by its QUIC destination connection id:
+
+* long header  -> DCID length byte + DCID;
+* short header -> the fixed-length DCID we chose for ourselves (:data:`CID_LENGTH`);
+* an Initial for an unknown DCID -> a new *server* connection, after stateless Retry
+  (address validation: a spoofed source never gets connection state);
+* first byte without the QUIC "fixed bit" (0x40) -> :attr:`UdpMux.on_other_datagram`
+  (STUN / hole punching later);
+* anything else is dropped and counted in :attr:`UdpMux.stats`. Nothing a remote sends can
+  raise out of the read callback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Callable
+from typing import Protocol
+
+from aioquic._buffer import Buffer
+from aioquic.quic.packet import (
+    QuicPacketType,
+    QuicProtocolVersion,
+    encode_quic_retry,
+    pull_quic_header,
+)
+from aioquic.quic.retry import QuicRetryTokenHandler
+
+log = logging.getLogger("crust.quic")
+
+Address = tuple[str, int]
+CID_LENGTH = 8
+"""Length of every connection id *we* issue (``QuicConfiguration(connection_id_length=8)``)."""
+MAX_CID_LENGTH = 20
+RECV_BUFFER = 65_536
+MAX_BATCH = 64
+"""Datagrams read per reader callback before yielding to the loop."""
+MIN_INITIAL_SIZE = 1200
+"""RFC 9000 §14.1: a client Initial is padded to 1200 bytes; smaller ones are not served."""
+SUPPORTED_VERSIONS = (QuicProtocolVersion.VERSION_1, QuicProtocolVersion.VERSION_2)
+
+STAT_NAMES = (
+    "datagrams_received",
+    "datagrams_sent",
+    "send_dropped",
+    "dropped_garbage",
+    "dropped_unknown_cid",
+    "dropped_limit",
+    "dropped_paused",
+    "other_datagrams",
+    "retries_sent",
+    "invalid_tokens",
+    "connections_accepted",
+)
+
+
+class MuxClient(Protocol):
+    """A QUIC connection as the mux sees it (implemented by :class:`crust.aio.quic.QuicLink`)."""
+
+    @property
+    def handshake_done(self) -> bool: ...
+
+    @property
+    def accepting_datagrams(self) -> bool:
+        """False while the reader is paused and enough is buffered: drop (QUIC resends)."""
+        ...
+
+    def datagram_received(self, data: bytes, addr: Address, now: float) -> None: ...
+
+    def after_batch(self) -> None:
+        """Process the events of the datagrams just fed and transmit."""
+        ...
+
+    def abort(self) -> None: ...
+
+    def detach(self) -> None:
+        """The mux is closing: stop timers, report the connection lost."""
+        ...
+
+
+class Acceptor(Protocol):
+    """Creates a server connection for a validated new Initial (or None to refuse)."""
+
+    def __call__(
+        self,
+        mux: UdpMux,
+        addr: Address,
+        original_dcid: bytes,
+        retry_scid: bytes | None,
+    ) -> MuxClient | None: ...
+
+
+def parse_dcid(data: bytes | memoryview) -> bytes | None:
+    """The destination connection id of a QUIC packet, or None if it cannot be one."""
+    n = len(data)
+    if n < 1:
+        return None
+    first = data[0]
+    if first & 0x80:  # long header: flags, version(4), dcid len, dcid, scid len, scid
+        if n < 7:
+            return None
+        dlen = data[5]
+        if dlen > MAX_CID_LENGTH or n < 6 + dlen + 1:
+            return None
+        return bytes(data[6 : 6 + dlen])
+    if not first & 0x40 or n < 1 + CID_LENGTH:
+        return None
+    return bytes(data[1 : 1 + CID_LENGTH])
+
+
+def is_quic(first_byte: int) -> bool:
+    """QUIC packets (other than version negotiation) have the fixed bit set."""
+    return bool(first_byte & 0x40) or bool(first_byte & 0x80)
+
+
+class UdpMux:
+    """A non-blocking UDP socket carrying many QUIC connections (both directions).
+
+    ``acceptor`` is None for a client-only mux (no inbound connections).
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        acceptor: Acceptor | None,
+        max_connections: int = 1024,
+        max_pending_handshakes: int = 256,
+        retry: bool = True,
+    ) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.family = sock.family
+        self.local_address: Address = sock.getsockname()[:2]
+        self.acceptor = acceptor
+        self.max_connections = max_connections
+        self.max_pending_handshakes = max_pending_handshakes
+        self.retry = retry
+        self.on_other_datagram: Callable[[bytes, Address], None] | None = None
+        self.stats: dict[str, int] = dict.fromkeys(STAT_NAMES, 0)
+        self._routes: dict[bytes, MuxClient] = {}
+        self._clients: dict[MuxClient, set[bytes]] = {}
+        self._retry_tokens = QuicRetryTokenHandler()
+        self._buf = bytearray(RECV_BUFFER)
+        self._view = memoryview(self._buf)
+        self._loop = asyncio.get_running_loop()
+        self._closed = False
+        self._loop.add_reader(sock.fileno(), self._on_readable)
+
+    @classmethod
+    def bind(
+        cls,
+        host: str,
+        port: int,
+        *,
+        acceptor: Acceptor | None,
+        max_connections: int = 1024,
+        max_pending_handshakes: int = 256,
+        retry: bool = True,
+    ) -> UdpMux:
+        """A mux on a fresh socket bound to ``host:port`` (port 0 = ephemeral)."""
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            if family == socket.AF_INET6:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((host, port))
+            return cls(
+                sock,
+                acceptor=acceptor,
+                max_connections=max_connections,
+                max_pending_handshakes=max_pending_handshakes,
+                retry=retry,
+            )
+        except BaseException:
+            sock.close()
+            raise
+
+    # ------------------------------------------------------------ routing table
+
+    def register(self, cid: bytes, client: MuxClient) -> None:
+        self._routes[cid] = client
+        self._clients.setdefault(client, set()).add(cid)
+
+    def unregister(self, cid: bytes, client: MuxClient) -> None:
+        if self._routes.get(cid) is client:
+            del self._routes[cid]
+        cids = self._clients.get(client)
+        if cids is not None:
+            cids.discard(cid)
+
+    def add_client(self, client: MuxClient) -> None:
+        self._clients.setdefault(client, set())
+
+    def remove_client(self, client: MuxClient) -> None:
+        for cid in self._clients.pop(client, set()):
+            if self._routes.get(cid) is client:
+                del self._routes[cid]
+
+    def client_for(self, cid: bytes) -> MuxClient | None:
+        return self._routes.get(cid)
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._clients)
+
+    def can_dial(self) -> bool:
+        return not self._closed and len(self._clients) < self.max_connections
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # ------------------------------------------------------------ I/O
+
+    def sendto(self, data: bytes, addr: Address) -> None:
+        if self._closed:
+            return
+        try:
+            self.sock.sendto(data, addr)
+            self.stats["datagrams_sent"] += 1
+        except (BlockingIOError, InterruptedError):
+            self.stats["send_dropped"] += 1  # QUIC's loss recovery resends
+        except OSError as exc:
+            self.stats["send_dropped"] += 1
+            log.debug("sendto %s failed: %s", addr, exc)
+
+    def _on_readable(self) -> None:
+        touched: dict[MuxClient, None] = {}
+        now = self._loop.time()
+        for _ in range(MAX_BATCH):
+            try:
+                n, addr = self.sock.recvfrom_into(self._buf)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:  # e.g. ICMP port unreachable reported on the socket
+                log.debug("recvfrom: %s", exc)
+                continue
+            self.stats["datagrams_received"] += 1
+            try:
+                client = self._route(self._view[:n], (str(addr[0]), int(addr[1])), now)
+            except Exception:  # never let a datagram break the reader
+                self.stats["dropped_garbage"] += 1
+                log.exception("datagram from %s could not be routed", addr)
+                continue
+            if client is not None:
+                touched[client] = None
+            if self._closed:
+                return
+        for client in touched:
+            try:
+                client.after_batch()
+            except Exception:
+                log.exception("QUIC connection failed to process input")
+                client.abort()
+
+    def _route(self, view: memoryview, addr: Address, now: float) -> MuxClient | None:
+        """Hand one datagram to its connection; returns the connection fed (if any)."""
+        if not view:
+            self.stats["dropped_garbage"] += 1
+            return None
+        first = view[0]
+        if not is_quic(first):
+            self.stats["other_datagrams"] += 1
+            hook = self.on_other_datagram
+            if hook is not None:
+                hook(bytes(view), addr)
+            return None
+        dcid = parse_dcid(view)
+        if dcid is None:
+            self.stats["dropped_garbage"] += 1
+            return None
+        client = self._routes.get(dcid)
+        if client is None:
+            if first & 0x80:
+                return self._new_initial(bytes(view), addr, now)
+            self.stats["dropped_unknown_cid"] += 1
+            return None
+        if not client.accepting_datagrams:
+            self.stats["dropped_paused"] += 1
+            return None
+        client.datagram_received(bytes(view), addr, now)
+        return client
+
+    def _new_initial(self, data: bytes, addr: Address, now: float) -> MuxClient | None:
+        """A long-header packet for an unknown connection id: maybe a new client."""
+        if self.acceptor is None:
+            self.stats["dropped_unknown_cid"] += 1
+            return None
+        try:
+            header = pull_quic_header(Buffer(data=data), host_cid_length=CID_LENGTH)
+        except ValueError:
+            self.stats["dropped_garbage"] += 1
+            return None
+        if (
+            header.packet_type != QuicPacketType.INITIAL
+            or header.version not in SUPPORTED_VERSIONS
+            or len(data) < MIN_INITIAL_SIZE
+        ):
+            self.stats["dropped_unknown_cid"] += 1
+            return None
+        pending = sum(1 for c in self._clients if not c.handshake_done)
+        if len(self._clients) >= self.max_connections or pending >= self.max_pending_handshakes:
+            self.stats["dropped_limit"] += 1
+            return None
+        version = int(header.version)
+        retry_scid: bytes | None = None
+        if self.retry:
+            if not header.token:
+                scid = os.urandom(CID_LENGTH)
+                token = self._retry_tokens.create_token(
+                    address=addr,
+                    original_destination_connection_id=header.destination_cid,
+                    retry_source_connection_id=scid,
+                    now=now,
+                )
+                packet = encode_quic_retry(
+                    version=version,
+                    source_cid=scid,
+                    destination_cid=header.source_cid,
+                    original_destination_cid=header.destination_cid,
+                    retry_token=token,
+                )
+                self.stats["retries_sent"] += 1
+                self.sendto(packet, addr)
+                return None
+            try:
+                original = self._retry_tokens.validate_token(
+                    address=addr,
+                    destination_cid=header.destination_cid,
+                    token=header.token,
+                    now=now,
+                )
+            except ValueError:
+                # forged, expired or from another address: no state, no answer
+                self.stats["invalid_tokens"] += 1
+                return None
+            retry_scid = header.destination_cid
+        else:
+            original = header.destination_cid
+        client = self.acceptor(self, addr, original, retry_scid)
+        if client is None:
+            self.stats["dropped_limit"] += 1
+            return None
+        self.stats["connections_accepted"] += 1
+        self.register(header.destination_cid, client)
+        if client.accepting_datagrams:
+            client.datagram_received(data, addr, now)
+        return client
+
+    # ------------------------------------------------------------ lifetime
+
+    def close(self) -> None:
+        """Abort every connection (each sends its CONNECTION_CLOSE) and close the socket."""
+        if self._closed:
+            return
+        for client in list(self._clients):
+            with contextlib.suppress(Exception):
+                client.abort()
+            with contextlib.suppress(Exception):
+                client.detach()
+        self._closed = True
+        self._loop.remove_reader(self.sock.fileno())
+        self._routes.clear()
+        self._clients.clear()
+        self.sock.close()

@@ -1,0 +1,276 @@
+"""QUIC specifics on loopback: stateless Retry, garbage resistance, TCP/QUIC racing."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import ssl
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
+from typing import Any, TypeVar
+
+import pytest
+from aioquic._buffer import Buffer
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.packet import QuicPacketType, pull_quic_header
+
+import crust
+from crust.aio.quic import alpn_for
+from crust.aio.udp_mux import CID_LENGTH, UdpMux
+from crust.events import Event, MessageReceived, PeerConnected, PeerLost
+from crust.service import Service
+
+E = TypeVar("E", bound=Event)
+TIMEOUT = 10.0
+BOTH = ("tcp://127.0.0.1:0", "quic://127.0.0.1:0")
+
+
+class Watcher:
+    """Collects a service's events so a test can wait for one (never sleeps)."""
+
+    def __init__(self, svc: Service) -> None:
+        self.seen: list[Event] = []
+        self._svc = svc
+        self._cond = asyncio.Condition()
+        self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        async for ev in self._svc.events():
+            async with self._cond:
+                self.seen.append(ev)
+                self._cond.notify_all()
+
+    async def count(self, kind: type[E], n: int, timeout: float = TIMEOUT) -> list[E]:
+        async with asyncio.timeout(timeout), self._cond:
+            while True:
+                got = [e for e in self.seen if isinstance(e, kind)]
+                if len(got) >= n:
+                    return got
+                await self._cond.wait()
+
+    def of(self, kind: type[E]) -> list[E]:
+        return [e for e in self.seen if isinstance(e, kind)]
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
+Make = Callable[..., Any]
+
+
+@pytest.fixture
+async def make() -> AsyncIterator[Make]:
+    async with AsyncExitStack() as stack:
+        watchers: list[Watcher] = []
+
+        async def factory(**overrides: Any) -> tuple[Service, Watcher]:
+            overrides.setdefault("listen", BOTH)
+            svc = await stack.enter_async_context(Service(crust.Config.for_testing(**overrides)))
+            w = Watcher(svc)
+            watchers.append(w)
+            return svc, w
+
+        yield factory
+        for w in watchers:
+            await w.stop()
+
+
+def quic_contact(svc: Service) -> str:
+    return next(c for c in svc.contacts() if c.startswith("quic://"))
+
+
+def quic_mux(svc: Service) -> UdpMux:
+    return svc._muxes[0]
+
+
+def client_initial(server: tuple[str, int]) -> tuple[QuicConnection, bytes]:
+    """A genuine aioquic client and its first Initial datagram to ``server``."""
+    config = QuicConfiguration(
+        is_client=True,
+        alpn_protocols=[alpn_for("crust")],
+        connection_id_length=CID_LENGTH,
+        verify_mode=ssl.CERT_NONE,
+    )
+    quic = QuicConnection(configuration=config)
+    now = asyncio.get_running_loop().time()
+    quic.connect(server, now=now)
+    return quic, quic.datagrams_to_send(now=now)[0][0]
+
+
+class RawClient:
+    """A real QUIC client Initial, sent from a plain UDP socket we control."""
+
+    def __init__(self, server: tuple[str, int]) -> None:
+        self.server = server
+        self.quic, self.initial = client_initial(server)
+        self.loop = asyncio.get_running_loop()
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.setblocking(False)
+
+    def datagrams(self) -> list[bytes]:
+        return [d for d, _ in self.quic.datagrams_to_send(now=self.loop.time())]
+
+    async def recv(self) -> bytes:
+        async with asyncio.timeout(TIMEOUT):
+            data, _ = await self.loop.sock_recvfrom(self.sock, 65536)
+        return data
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def test_retry_validates_the_address_before_any_state(make: Make) -> None:
+    b, _ = await make()
+    mux = quic_mux(b)
+    client = RawClient(mux.local_address)
+    spoofer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        initial = client.initial
+        assert len(initial) >= 1200
+        # 1. a token-less Initial gets a Retry and no connection state
+        client.sock.sendto(initial, mux.local_address)
+        retry = await client.recv()
+        header = pull_quic_header(Buffer(data=retry), host_cid_length=CID_LENGTH)
+        assert header.packet_type == QuicPacketType.RETRY and header.token
+        assert mux.stats["retries_sent"] == 1
+        assert mux.connection_count == 0 and mux.stats["connections_accepted"] == 0
+        # 2. the client answers with the token ...
+        client.quic.receive_datagram(retry, mux.local_address, client.loop.time())
+        with_token = client.datagrams()[0]
+        # ... but the same token from another source address (a spoofer who saw it) is
+        # refused without state or answer
+        spoofer.sendto(with_token, mux.local_address)
+        # 3. from the validated address it creates the connection
+        client.sock.sendto(with_token, mux.local_address)
+        handshake = await client.recv()
+        assert pull_quic_header(Buffer(data=handshake), host_cid_length=CID_LENGTH)
+        assert mux.stats["invalid_tokens"] == 1
+        assert mux.stats["connections_accepted"] == 1 and mux.connection_count == 1
+    finally:
+        spoofer.close()
+        client.close()
+
+
+async def test_spoofed_initials_create_no_state(make: Make) -> None:
+    b, _ = await make()
+    mux = quic_mux(b)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        n = 50
+        for _ in range(n):
+            # fresh Initials "from" an address that never answers the Retry
+            sock.sendto(client_initial(mux.local_address)[1], mux.local_address)
+        got = 0
+        loop = asyncio.get_running_loop()
+        sock.setblocking(False)
+        async with asyncio.timeout(TIMEOUT):
+            while got < n:
+                data, _ = await loop.sock_recvfrom(sock, 65536)
+                header = pull_quic_header(Buffer(data=data), host_cid_length=CID_LENGTH)
+                assert header.packet_type == QuicPacketType.RETRY
+                got += 1
+        assert mux.connection_count == 0 and mux.stats["retries_sent"] == n
+    finally:
+        sock.close()
+
+
+async def test_garbage_datagrams_do_not_disturb_an_established_connection(make: Make) -> None:
+    a, wa = await make()
+    b, wb = await make()
+    peer = await a.connect(quic_contact(b))
+    await wb.count(PeerConnected, 1)
+    mux = quic_mux(b)
+    before = dict(mux.stats)
+    live_cids = list(mux._routes)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        junk: list[bytes] = [b"", b"\x00", b"\xff" * 3, b"GET / HTTP/1.0\r\n\r\n"]
+        junk += [os.urandom(n) for n in (1, 7, 40, 1200, 1500)]
+        junk += [bytes([0x40]) + os.urandom(CID_LENGTH) + os.urandom(60) for _ in range(20)]
+        # forged packets carrying the live connection ids: fail authentication in QUIC
+        junk += [bytes([0x40 | 0x01]) + cid + os.urandom(80) for cid in live_cids]
+        junk += [bytes([0xC0]) + b"\x00\x00\x00\x01" + bytes([20]) + os.urandom(40)]
+        for i, data in enumerate(junk):
+            sock.sendto(data, mux.local_address)
+            await a.send(peer, b"m%d" % i)
+        got = await wb.count(MessageReceived, len(junk))
+    finally:
+        sock.close()
+    assert [m.data for m in got] == [b"m%d" % i for i in range(len(junk))]
+    assert not wa.of(PeerLost) and not wb.of(PeerLost)
+    assert b.is_connected(a.peer_id) and a.connection(peer).transport == "quic"
+    assert mux.stats["datagrams_received"] > before["datagrams_received"]
+    dropped = sum(
+        mux.stats[k] - before[k]
+        for k in ("dropped_garbage", "dropped_unknown_cid", "other_datagrams")
+    )
+    assert dropped >= 20
+
+
+async def test_tcp_and_quic_race_keeps_one_connection(make: Make) -> None:
+    for _ in range(3):
+        a, wa = await make(connect_stagger=0.0, tcp_head_start=0.0)
+        b, wb = await make(connect_stagger=0.0, tcp_head_start=0.0)
+        # both dial all of each other's contacts (TCP and QUIC) at the same time
+        results = await asyncio.gather(
+            *[a.connect(b.contacts()) for _ in range(4)],
+            *[b.connect(a.contacts()) for _ in range(4)],
+        )
+        assert set(results) == {a.peer_id, b.peer_id}
+        assert a.peers() == [b.peer_id] and b.peers() == [a.peer_id]
+        da, db = a.connection(b.peer_id), b.connection(a.peer_id)
+        assert da.transport == db.transport
+        assert da.local == db.remote and da.remote == db.local
+        for i in range(100):
+            await a.send(b.peer_id, b"a%d" % i)
+            await b.send(a.peer_id, b"b%d" % i)
+        assert [m.data for m in await wb.count(MessageReceived, 100)] == [
+            b"a%d" % i for i in range(100)
+        ]
+        assert [m.data for m in await wa.count(MessageReceived, 100)] == [
+            b"b%d" % i for i in range(100)
+        ]
+        assert not wa.of(PeerLost) and not wb.of(PeerLost)
+
+
+def _dead_port(kind: socket.SocketKind) -> int:
+    s = socket.socket(socket.AF_INET, kind)
+    s.bind(("127.0.0.1", 0))
+    port = int(s.getsockname()[1])
+    s.close()
+    return port
+
+
+async def test_several_contacts_raced(make: Make) -> None:
+    b, wb = await make()
+    tcp = next(c for c in b.contacts() if c.startswith("tcp://"))
+    quic = quic_contact(b)
+    dead_tcp = f"tcp://127.0.0.1:{_dead_port(socket.SOCK_STREAM)}"
+    dead_quic = f"quic://127.0.0.1:{_dead_port(socket.SOCK_DGRAM)}"
+    # a generous TCP head start: the live TCP contact wins, QUIC attempts are cancelled
+    a, wa = await make(tcp_head_start=1.0, connect_stagger=0.02)
+    assert await a.connect([dead_quic, quic, dead_tcp, tcp]) == b.peer_id
+    assert a.connection(b.peer_id).transport == "tcp"
+    # TCP dead, QUIC alive: QUIC wins after the (short) head start
+    c, wc = await make(tcp_head_start=0.05, connect_stagger=0.02)
+    assert await c.connect([dead_tcp, dead_quic, quic]) == b.peer_id
+    assert c.connection(b.peer_id).transport == "quic"
+    ev = (await wc.count(PeerConnected, 1))[0]
+    assert ev.transport == "quic" and ev.outbound
+    await wb.count(PeerConnected, 2)
+    assert sorted(b.peers()) == sorted([a.peer_id, c.peer_id])
+    assert not wa.of(PeerLost) and not wc.of(PeerLost)
+
+
+async def test_client_only_socket_without_quic_listener(make: Make) -> None:
+    a, _ = await make(listen=("tcp://127.0.0.1:0",))
+    b, wb = await make()
+    peer = await a.connect(quic_contact(b))
+    await a.send(peer, b"over quic")
+    assert (await wb.count(MessageReceived, 1))[0].data == b"over quic"
+    assert a.connection(peer).transport == "quic"
+    assert not a._muxes and len(a._client_muxes) == 1
