@@ -97,7 +97,11 @@ class Demo:
 
     async def run(self) -> None:
         total = 6
-        cfg = Config.for_testing(heartbeat_interval=0.2, heartbeat_timeout=5.0)
+        cfg = Config.for_testing(
+            listen=("tcp://127.0.0.1:0", "quic://127.0.0.1:0"),
+            heartbeat_interval=0.2,
+            heartbeat_timeout=5.0,
+        )
 
         self.step(1, total, "Starting four peers on loopback")
         async with contextlib.AsyncExitStack() as stack:
@@ -132,7 +136,11 @@ class Demo:
 
         async def dial(a: DemoPeer, b: DemoPeer, note: str = "") -> tuple[str, float]:
             t0 = time.perf_counter()
-            got = await a.svc.connect(b.svc.contacts())
+            contacts = b.svc.contacts()
+            if a is self.peers[2] and b is self.peers[3]:  # carol and dave talk over QUIC
+                contacts = [c for c in contacts if c.startswith("quic://")]
+                note = "  (QUIC only)"
+            got = await a.svc.connect(contacts)
             if got != b.svc.peer_id:
                 raise RuntimeError(f"{a.name} reached {got}, not {b.name}")
             seconds = time.perf_counter() - t0

@@ -422,14 +422,32 @@ class Session:
                     self._inbuf.clear()
                     self._receive_records(memoryview(rest), now)
             elif self._inbuf:
-                self._inbuf += data
-                buf = bytes(self._inbuf)
-                self._inbuf.clear()
-                self._receive_records(memoryview(buf), now)
+                self._receive_after_partial(memoryview(data), now)
             else:
                 self._receive_records(memoryview(data), now)
         except ProtocolError as exc:
             self._fail(exc)
+
+    def _receive_after_partial(self, view: memoryview, now: float) -> None:
+        """A record was cut by the previous read: complete just that record from the head of
+        ``view`` (one small copy), then parse the rest in place."""
+        buf = self._inbuf
+        if len(buf) < 2:
+            take = 2 - len(buf)
+            buf += view[:take]
+            view = view[take:]
+            if len(buf) < 2:
+                return
+        need = 2 + ((buf[0] << 8) | buf[1]) - len(buf)
+        if len(view) < need:
+            buf += view
+            return
+        buf += view[:need]
+        record = bytes(buf)
+        buf.clear()
+        self._receive_records(memoryview(record), now)
+        if len(view) > need and self.state is not State.CLOSED:
+            self._receive_records(view[need:], now)
 
     def _fail(self, exc: ProtocolError) -> None:
         if self._send is not None and self.state is State.ESTABLISHED:
