@@ -6,76 +6,24 @@ import asyncio
 import os
 import socket
 import ssl
-from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any
 
-import pytest
 from aioquic._buffer import Buffer
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.packet import QuicPacketType, pull_quic_header
 
-import crust
 from crust.aio.quic import alpn_for
 from crust.aio.udp_mux import CID_LENGTH, UdpMux
-from crust.events import Event, MessageReceived, PeerConnected, PeerLost
+from crust.events import MessageReceived, PeerConnected, PeerLost
 from crust.service import Service
 
-E = TypeVar("E", bound=Event)
 TIMEOUT = 10.0
 BOTH = ("tcp://127.0.0.1:0", "quic://127.0.0.1:0")
 
 
-class Watcher:
-    """Collects a service's events so a test can wait for one (never sleeps)."""
-
-    def __init__(self, svc: Service) -> None:
-        self.seen: list[Event] = []
-        self._svc = svc
-        self._cond = asyncio.Condition()
-        self._task = asyncio.ensure_future(self._run())
-
-    async def _run(self) -> None:
-        async for ev in self._svc.events():
-            async with self._cond:
-                self.seen.append(ev)
-                self._cond.notify_all()
-
-    async def count(self, kind: type[E], n: int, timeout: float = TIMEOUT) -> list[E]:
-        async with asyncio.timeout(timeout), self._cond:
-            while True:
-                got = [e for e in self.seen if isinstance(e, kind)]
-                if len(got) >= n:
-                    return got
-                await self._cond.wait()
-
-    def of(self, kind: type[E]) -> list[E]:
-        return [e for e in self.seen if isinstance(e, kind)]
-
-    async def stop(self) -> None:
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
-
-
 Make = Callable[..., Any]
-
-
-@pytest.fixture
-async def make() -> AsyncIterator[Make]:
-    async with AsyncExitStack() as stack:
-        watchers: list[Watcher] = []
-
-        async def factory(**overrides: Any) -> tuple[Service, Watcher]:
-            overrides.setdefault("listen", BOTH)
-            svc = await stack.enter_async_context(Service(crust.Config.for_testing(**overrides)))
-            w = Watcher(svc)
-            watchers.append(w)
-            return svc, w
-
-        yield factory
-        for w in watchers:
-            await w.stop()
 
 
 def quic_contact(svc: Service) -> str:

@@ -5,67 +5,20 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
-from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 import crust
 from crust import errors
-from crust.events import AbuseDetected, Event, MessageReceived, PeerConnected, PeerLost
+from crust.events import AbuseDetected, MessageReceived, PeerConnected, PeerLost
 from crust.service import Service
 
-E = TypeVar("E", bound=Event)
 TIMEOUT = 10.0
 
 
-class Watcher:
-    """Collects a service's events so a test can wait for one (never sleeps)."""
-
-    def __init__(self, svc: Service) -> None:
-        self.svc = svc
-        self.seen: list[Event] = []
-        self._cond = asyncio.Condition()
-        self._task = asyncio.ensure_future(self._run())
-
-    async def _run(self) -> None:
-        async for ev in self.svc.events():
-            async with self._cond:
-                self.seen.append(ev)
-                self._cond.notify_all()
-
-    async def wait(
-        self, kind: type[E], pred: Callable[[E], bool] = lambda e: True, timeout: float = TIMEOUT
-    ) -> E:
-        async with asyncio.timeout(timeout), self._cond:
-            while True:
-                for ev in self.seen:
-                    if isinstance(ev, kind) and pred(ev):
-                        return ev
-                await self._cond.wait()
-
-    async def count(self, kind: type[E], n: int, timeout: float = TIMEOUT) -> list[E]:
-        async with asyncio.timeout(timeout), self._cond:
-            while True:
-                got = [e for e in self.seen if isinstance(e, kind)]
-                if len(got) >= n:
-                    return got
-                await self._cond.wait()
-
-    async def messages(self, n: int, timeout: float = TIMEOUT) -> list[MessageReceived]:
-        return await self.count(MessageReceived, n, timeout)
-
-    def of(self, kind: type[E]) -> list[E]:
-        return [e for e in self.seen if isinstance(e, kind)]
-
-    async def stop(self) -> None:
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
-
-
 Dial = Callable[[Service], str]
-BOTH = ("tcp://127.0.0.1:0", "quic://127.0.0.1:0")
 
 
 @pytest.fixture(params=["tcp", "quic"])
@@ -82,29 +35,6 @@ def dial(transport: str) -> Dial:
         return next(c for c in svc.contacts() if c.startswith(transport + "://"))
 
     return pick
-
-
-@pytest.fixture
-async def make() -> AsyncIterator[Callable[..., Any]]:
-    async with AsyncExitStack() as stack:
-        watchers: list[Watcher] = []
-
-        async def factory(**overrides: Any) -> tuple[Service, Watcher | None]:
-            overrides.setdefault("listen", BOTH)
-            identity = overrides.pop("identity", None)
-            watch = overrides.pop("watch", True)
-            svc = await stack.enter_async_context(
-                Service(crust.Config.for_testing(**overrides), identity=identity)
-            )
-            if not watch:
-                return svc, None
-            w = Watcher(svc)
-            watchers.append(w)
-            return svc, w
-
-        yield factory
-        for w in watchers:
-            await w.stop()
 
 
 async def test_connect_send_in_order(make: Callable[..., Any], dial: Dial, transport: str) -> None:
