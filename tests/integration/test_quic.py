@@ -222,3 +222,20 @@ async def test_client_only_socket_without_quic_listener(make: Make) -> None:
     assert (await wb.count(MessageReceived, 1))[0].data == b"over quic"
     assert a.connection(peer).transport == "quic"
     assert not a._muxes and len(a._client_muxes) == 1
+
+
+def test_aioquic_internals_we_rely_on_still_exist() -> None:
+    """crust reads two private aioquic attributes (see crust/aio/quic.py); if an aioquic
+    upgrade renames them, send backpressure and early close detection would silently stop:
+    this test fails loudly instead."""
+    config = QuicConfiguration(is_client=True, alpn_protocols=["x"])
+    config.verify_mode = ssl.CERT_NONE
+    quic = QuicConnection(configuration=config)
+    quic.connect(("127.0.0.1", 9), now=0.0)
+    assert hasattr(quic, "_close_event")
+    stream_id = quic.get_next_available_stream_id()
+    quic.send_stream_data(stream_id, b"x" * 5000)
+    sender = quic._streams[stream_id].sender
+    assert isinstance(sender._buffer_start, int)
+    assert isinstance(sender._buffer_stop, int)
+    assert sender._buffer_stop - sender._buffer_start == 5000
