@@ -33,6 +33,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import multiprocessing
 import os
@@ -1067,52 +1068,57 @@ def run(
     load_before = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     pair = WorkerPair()
     try:
-        for size in SIZES:
+
+        def step(
+            measure: Callable[[], list[dict[str, Any]]],
+            what: str,
+            key: str,
+            name: str,
+            unit: str,
+            higher_is_better: bool,
+        ) -> None:
+            """Run one measurement; a failure becomes a figure carrying the error."""
             try:
-                figures.extend(_bulk(pair, plan, size, say))
+                figures.extend(measure())
             except Exception as exc:
-                say(f"bulk {_size_name(size)} failed: {exc}")
+                say(f"{what} failed: {exc}")
                 figures.append(
                     _figure(
-                        f"bulk_{size}",
-                        f"bulk throughput, {_size_name(size)} messages",
-                        "MB/s",
+                        key,
+                        name,
+                        unit,
                         None,
                         None,
-                        higher_is_better=True,
+                        higher_is_better=higher_is_better,
                         error=str(exc),
                     )
                 )
-        try:
-            figures.extend(_latency(pair, plan, say))
-        except Exception as exc:
-            say(f"latency failed: {exc}")
-            figures.append(
-                _figure(
-                    "connect_first_msg_p50",
-                    "connect + handshake + first message received, p50",
-                    "ms",
-                    None,
-                    None,
-                    higher_is_better=False,
-                    error=str(exc),
-                )
+
+        for size in SIZES:
+            step(
+                functools.partial(_bulk, pair, plan, size, say),
+                f"bulk {_size_name(size)}",
+                f"bulk_{size}",
+                f"bulk throughput, {_size_name(size)} messages",
+                "MB/s",
+                True,
             )
-        try:
-            figures.append(_cycles(pair, plan, say))
-        except Exception as exc:
-            say(f"connections/s failed: {exc}")
-            figures.append(
-                _figure(
-                    "connections_concurrent",
-                    "new connections/s, concurrent clients",
-                    "conn/s",
-                    None,
-                    None,
-                    higher_is_better=True,
-                    error=str(exc),
-                )
-            )
+        step(
+            functools.partial(_latency, pair, plan, say),
+            "latency",
+            "connect_first_msg_p50",
+            "connect + handshake + first message received, p50",
+            "ms",
+            False,
+        )
+        step(
+            lambda: [_cycles(pair, plan, say)],
+            "connections/s",
+            "connections_concurrent",
+            "new connections/s, concurrent clients",
+            "conn/s",
+            True,
+        )
     finally:
         pair.stop()
     env = environment()
