@@ -63,6 +63,9 @@ class Config:
     """Happy-Eyeballs delay between starting successive connection attempts."""
     tcp_head_start: float = 0.05
     """When a peer's TCP and QUIC contacts are raced, QUIC attempts start this much later."""
+    punch_delay: float = 1.0
+    """``connect(peer_id)``: start a hole punch this long after direct attempts began (at once
+    when there is no known contact or they all failed)."""
     duplicate_probe_timeout: float = 2.0
     """How long an existing connection may take to answer before a new one replaces it."""
     send_queue_size: int = 16 * MiB
@@ -265,6 +268,7 @@ _CHECKS: dict[str, Any] = {
     "connect_timeout": _seconds(0.05, 3600),
     "connect_stagger": _seconds(0.0, 60),
     "tcp_head_start": _seconds(0.0, 60),
+    "punch_delay": _seconds(0.0, 60),
     "duplicate_probe_timeout": _seconds(0.01, 600),
     "send_queue_size": _int_range(64 * 1024, 64 * 1024 * MiB),
     "event_queue_size": _int_range(16, 10_000_000),

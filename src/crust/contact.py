@@ -5,6 +5,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+import ifaddr
+
 from crust.errors import ConfigError
 from crust.identity import PeerId
 
@@ -111,3 +113,25 @@ def _check_host(host: str, text: str, field: str) -> None:
 def format_address(scheme: str, address: tuple[str, int] | tuple[str, int, int, int]) -> str:
     """A contact string for a socket address (scope ids dropped)."""
     return str(Contact.from_address(scheme, (address[0], address[1])))
+
+
+def expand_wildcard(host: str) -> list[str]:
+    """This host's addresses for a wildcard listen address (loopback last)."""
+    if host not in ("0.0.0.0", "::"):
+        return [host]
+    want_v6 = host == "::"
+    found: list[str] = []
+    loopback: list[str] = []
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            if want_v6 != ip.is_IPv6:
+                continue
+            addr = ip.ip[0] if isinstance(ip.ip, tuple) else ip.ip
+            try:
+                parsed = ipaddress.ip_address(addr)
+            except ValueError:
+                continue
+            if parsed.is_link_local:
+                continue
+            (loopback if parsed.is_loopback else found).append(str(parsed))
+    return found + loopback

@@ -10,8 +10,6 @@ import socket
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
-import ifaddr
-
 from crust import errors
 from crust.aio.connection import Connection, closed_reason
 from crust.aio.eventqueue import EventQueue, EventStream
@@ -19,7 +17,7 @@ from crust.aio.quic import QuicLink, QuicSettings
 from crust.aio.tcp import TcpProtocol, sock_contact
 from crust.aio.udp_mux import Address, UdpMux
 from crust.config import Config, parse_acl_entry
-from crust.contact import Contact
+from crust.contact import Contact, expand_wildcard
 from crust.events import (
     AbuseDetected,
     ConnectFailed,
@@ -31,6 +29,7 @@ from crust.events import (
     PeerLost,
 )
 from crust.identity import Identity, PeerId
+from crust.proto.punch import ConnectionInfo, PublicConnectionInfo
 from crust.proto.session import (
     Accepted,
     CloseCode,
@@ -44,6 +43,7 @@ from crust.proto.session import (
     SessionParams,
     State,
 )
+from crust.traversal import Traversal
 from crust.types import ConnectionDetails, EndpointPair, Statistics
 
 log = logging.getLogger("crust")
@@ -127,6 +127,7 @@ class Service:
             self._add_acl(item, self._black_peers, self._black_nets, "blacklist")
         for item in cfg.whitelist:
             self._add_acl(item, self._white_peers, self._white_nets, "whitelist")
+        self._traversal: Traversal | None = None
         self._tg: asyncio.TaskGroup | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._running = False
@@ -147,6 +148,7 @@ class Service:
         self._tg = asyncio.TaskGroup()
         await self._tg.__aenter__()
         self._running = True
+        self._traversal = Traversal(self)
         for text in self.config.listen:
             contact = Contact.parse(text, field="listen")
             if contact.scheme == "tcp":
@@ -163,6 +165,8 @@ class Service:
         self._running = False
         for server in self._servers:
             server.close()
+        if self._traversal is not None:
+            self._traversal.close()
         conns = list(self._conns)
         for conn in conns:
             conn.close(CloseCode.SHUTDOWN, "service closing")
@@ -231,6 +235,7 @@ class Service:
                 host=contact.host,
                 port=contact.port,
                 reuse_address=True,
+                reuse_port=hasattr(socket, "SO_REUSEPORT"),
                 backlog=1024,
             )
         except OSError as exc:
@@ -279,6 +284,7 @@ class Service:
             err.__cause__ = exc
             self._emit(ListenerFailed(str(contact), err))
             return
+        self._hook(mux)
         self._muxes.append(mux)
         local = str(Contact.from_address("quic", mux.local_address))
         self._endpoints.append(EndpointPair("quic", local, None))
@@ -311,8 +317,18 @@ class Service:
             self._counters.refused += 1
             link.abort()
             return
+        path = "direct"
+        if self._traversal is not None and self._traversal.punched_address(
+            link.remote_address, "quic"
+        ):
+            path = "punched"
         conn = self._new_connection(
-            link.remote, link.local, initiator=False, expected=None, transport_name="quic"
+            link.remote,
+            link.local,
+            initiator=False,
+            expected=None,
+            transport_name="quic",
+            path=path,
         )
         link.attach(conn)
 
@@ -342,10 +358,17 @@ class Service:
                 )
             except OSError as exc:
                 raise errors.ConnectError(f"{contact}: cannot open a UDP socket: {exc}") from exc
+            self._hook(client)
             self._client_muxes[host] = client
         if not client.can_dial():
             raise errors.LimitExceeded("max_connections reached")
         return client
+
+    def _hook(self, mux: UdpMux) -> None:
+        """Non-QUIC datagrams on a UDP socket (punching, address echo) go to traversal."""
+        traversal = self._traversal
+        if traversal is not None:
+            mux.on_other_datagram = lambda data, addr: traversal.on_datagram(mux, data, addr)
 
     def endpoints(self) -> list[EndpointPair]:
         """Every listener with its local and (when known) external contact."""
@@ -360,7 +383,7 @@ class Service:
                 if c is None:
                     continue
                 contact = Contact.parse(c)
-                for host in _expand_wildcard(contact.host):
+                for host in expand_wildcard(contact.host):
                     text = str(Contact(contact.scheme, host, contact.port, self.peer_id))
                     if text not in out:
                         out.append(text)
@@ -379,6 +402,9 @@ class Service:
             if want is not None and want in self._active:
                 return want
             async with asyncio.timeout(self.config.connect_timeout):
+                if isinstance(target, PeerId) or (isinstance(target, str) and "://" not in target):
+                    assert want is not None
+                    return await self._reach(want, contacts)
                 return await self._race(contacts)
         except TimeoutError as exc:
             err: BaseException = errors.ConnectTimeout(f"connect to {target} timed out")
@@ -395,9 +421,7 @@ class Service:
         if isinstance(target, PeerId):
             if target in self._active:
                 return [], target
-            known = self._known.get(target)
-            if not known:
-                raise errors.ConnectError(f"no known contact for peer {target}")
+            known = self._known.get(target, [])
             return [Contact.parse(c).with_peer(target) for c in known], target
         items = [target] if isinstance(target, str) else list(target)
         if not items:
@@ -408,6 +432,52 @@ class Service:
             raise errors.ConfigError("contacts name different peer ids", "target")
         pin = pins.pop() if pins else None
         return [c.with_peer(pin) for c in contacts], pin
+
+    async def _reach(self, peer: PeerId, contacts: list[Contact]) -> PeerId:
+        """A bare peer id: its known contacts directly and, once those failed or after
+        ``punch_delay``, a hole punch introduced by a connected node; the first one wins."""
+        loop = asyncio.get_running_loop()
+        pending: set[asyncio.Task[PeerId]] = set()
+        errs: list[BaseException] = []
+        if contacts:
+            pending.add(asyncio.ensure_future(self._race(contacts)))
+        traversal = self._traversal if self.config.hole_punching else None
+        punch_at = loop.time() + self.config.punch_delay
+        punching = False
+        try:
+            while True:
+                if (
+                    traversal is not None
+                    and not punching
+                    and (not pending or loop.time() >= punch_at)
+                ):
+                    punching = True
+                    pending.add(asyncio.ensure_future(traversal.punch(peer)))
+                if not pending:
+                    break
+                timeout = None
+                if traversal is not None and not punching:
+                    timeout = max(0.0, punch_at - loop.time())
+                done, pending = await asyncio.wait(
+                    pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+                for task in done:
+                    exc = task.exception()
+                    if exc is None:
+                        return task.result()
+                    errs.append(exc)
+        finally:
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        if not errs:
+            raise errors.ConnectError(f"no known contact for peer {peer} (hole_punching is off)")
+        if len(errs) == 1:
+            raise errs[0]
+        if any(isinstance(e, errors.HolePunchFailed) for e in errs):
+            raise errors.HolePunchFailed(f"cannot reach {peer}", errs)
+        raise errors.ConnectError(f"cannot reach {peer}", errs)
 
     async def _race(self, contacts: list[Contact]) -> PeerId:
         """Happy Eyeballs: start attempts staggered (IPv6 first, families interleaved; TCP
@@ -516,10 +586,14 @@ class Service:
             raise errors.ConnectError(f"{contact}: connection closed at once")
         return await self._keep_attempt(conn)
 
-    async def _attempt_quic(self, contact: Contact) -> PeerId:
+    async def _attempt_quic(
+        self, contact: Contact, *, mux: UdpMux | None = None, path: str = "direct"
+    ) -> PeerId:
         """Dial a QUIC contact from a shared UDP socket; crust's session runs on its first
         bidirectional stream once the QUIC handshake (ALPN = network) is done."""
-        link = QuicLink.dial(self._dial_mux(contact), contact.address, self._quic())
+        if mux is None:
+            mux = self._dial_mux(contact)
+        link = QuicLink.dial(mux, contact.address, self._quic())
         try:
             await link.ready
         except BaseException as exc:
@@ -535,6 +609,7 @@ class Service:
             initiator=True,
             expected=contact.peer_id,
             transport_name="quic",
+            path=path,
         )
         link.attach(conn)
         return await self._keep_attempt(conn)
@@ -575,6 +650,37 @@ class Service:
                 if not waiters:
                     del self._peer_waiters[peer]
 
+    async def prepare_connection_info(self) -> ConnectionInfo:
+        """Our half of an out-of-band rendezvous: send ``info.public.to_bytes()`` to the other
+        peer by any channel, receive theirs, then both call :meth:`connect_with_info`."""
+        self._check_running()
+        assert self._traversal is not None
+        return await self._traversal.prepare()
+
+    async def connect_with_info(
+        self, info: ConnectionInfo, their_info: PublicConnectionInfo | bytes
+    ) -> PeerId:
+        """Punch to the peer whose public info we received (both sides call this at about
+        the same time); returns its peer id once the single connection is up."""
+        self._check_running()
+        assert self._traversal is not None
+        theirs = (
+            PublicConnectionInfo.from_bytes(their_info)
+            if isinstance(their_info, bytes | bytearray | memoryview)
+            else their_info
+        )
+        try:
+            async with asyncio.timeout(self.config.connect_timeout):
+                return await self._traversal.connect_with_info(info, theirs)
+        except TimeoutError as exc:
+            err: BaseException = errors.ConnectTimeout(f"punch to {theirs.peer_id} timed out")
+            err.__cause__ = exc
+        except errors.CrustError as exc:
+            err = exc
+        self._counters.connect_failures += 1
+        self._emit(ConnectFailed(str(theirs.peer_id), err))
+        raise err
+
     # ================================================================= connections
 
     def _make_inbound(self, transport: asyncio.Transport) -> Connection | None:
@@ -585,6 +691,20 @@ class Service:
             self._counters.refused += 1
             log.debug("refused inbound from %s: %s", remote, reason)
             return None
+        punched = self._traversal.inbound_role(remote, "tcp") if self._traversal else None
+        if punched is not None:
+            # a TCP simultaneous open that met our listener: roles by peer id, as on the
+            # other side's socket
+            peer, initiator = punched
+            return self._new_connection(
+                remote,
+                sock_contact(transport, "sockname"),
+                initiator=initiator,
+                expected=peer,
+                transport_name="tcp",
+                outbound=False,
+                path="punched",
+            )
         return self._new_connection(
             remote,
             sock_contact(transport, "sockname"),
@@ -618,6 +738,8 @@ class Service:
         initiator: bool,
         expected: PeerId | None,
         transport_name: str,
+        outbound: bool | None = None,
+        path: str = "direct",
     ) -> Connection:
         loop = asyncio.get_running_loop()
         session = Session(
@@ -631,9 +753,10 @@ class Service:
             self,
             session,
             transport_name=transport_name,
-            outbound=initiator,
+            outbound=initiator if outbound is None else outbound,
             remote=remote,
             local=local,
+            path=path,
         )
         self._conns.add(conn)
         if initiator:
@@ -663,7 +786,11 @@ class Service:
         elif isinstance(event, Closed):
             self._on_session_closed(conn, event)
         elif isinstance(event, ControlReceived):
-            log.debug("%r: control message %r", conn, event.payload.get("t"))
+            self._on_control(conn, event)
+
+    def _on_control(self, conn: Connection, event: ControlReceived) -> None:
+        if self._traversal is not None and conn.policy_ok:
+            self._traversal.handle_control(conn, event.payload)
 
     def _on_handshake(self, conn: Connection, event: HandshakeCompleted) -> None:
         peer = event.peer_id
@@ -677,6 +804,8 @@ class Service:
             conn.close(CloseCode.BLACKLISTED, "")
             return
         self._remember(peer, event.hello.get("contacts", []))
+        if self._traversal is not None:
+            self._traversal.observe(conn, event.hello.get("observed"))
         conn.policy_ok = True
         if self.peer_id < peer:
             # the greater peer id chooses: tell it we accept, then wait for its SELECT
@@ -972,7 +1101,21 @@ class Service:
             blacklisted=c.blacklisted,
             duplicates_closed=c.duplicates_closed,
             connects_by_path=dict(c.by_path),
+            **self._traversal_counters(),
         )
+
+    def _traversal_counters(self) -> dict[str, int]:
+        if self._traversal is None:
+            return {}
+        t = self._traversal.counters
+        names = (
+            "punch_attempts",
+            "punch_successes",
+            "punch_failures",
+            "introductions_forwarded",
+            "introductions_refused",
+        )
+        return {name: t[name] for name in names}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -1001,25 +1144,3 @@ def _target_text(target: object) -> str:
     if isinstance(target, Sequence):
         return ",".join(str(t) for t in target)
     return repr(target)
-
-
-def _expand_wildcard(host: str) -> list[str]:
-    """This host's addresses for a wildcard listen address (loopback last)."""
-    if host not in ("0.0.0.0", "::"):
-        return [host]
-    want_v6 = host == "::"
-    found: list[str] = []
-    loopback: list[str] = []
-    for adapter in ifaddr.get_adapters():
-        for ip in adapter.ips:
-            if want_v6 != ip.is_IPv6:
-                continue
-            addr = ip.ip[0] if isinstance(ip.ip, tuple) else ip.ip
-            try:
-                parsed = ipaddress.ip_address(addr)
-            except ValueError:
-                continue
-            if parsed.is_link_local:
-                continue
-            (loopback if parsed.is_loopback else found).append(str(parsed))
-    return found + loopback

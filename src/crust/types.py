@@ -52,3 +52,9 @@ class Statistics:
     blacklisted: int = 0
     duplicates_closed: int = 0
     connects_by_path: dict[str, int] = field(default_factory=dict)
+    punch_attempts: int = 0
+    punch_successes: int = 0
+    punch_failures: int = 0
+    introductions_forwarded: int = 0
+    introductions_refused: int = 0
+    """Introductions we refused to forward (not connected, rate limited) or to take part in."""

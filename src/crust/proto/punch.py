@@ -1,0 +1,353 @@
+"""Hole punching, sans-IO: connection info, clear UDP punch datagrams, the punch schedule.
+
+Two peers behind NATs learn each other's *candidates* (local addresses, the external
+addresses others observed) either through a connected node (an introduction forwarded over
+both authenticated connections) or out of band (:class:`PublicConnectionInfo`, the Crust
+rendezvous).  Both then run a :class:`PunchPlan` with the same inputs at (nearly) the same
+moment: UDP probes from the QUIC socket to every QUIC candidate, TCP simultaneous opens from
+the listening port to every TCP candidate.  The first path that answers carries an ordinary
+crust handshake, which authenticates the peer id; the punch itself proves nothing.
+
+Punch datagrams are clear but carry no identity: ``MAGIC | kind u8 | token (16 bytes)`` plus,
+for an address echo, the address seen.  The first byte ``0x2a`` has QUIC's fixed bit (0x40)
+clear and the bytes after it are not STUN's magic cookie, so one UDP socket carries QUIC,
+STUN and punching.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+import msgpack
+
+from crust.contact import Contact
+from crust.errors import ConfigError, ProtocolError
+from crust.identity import PeerId
+
+MAGIC = b"\x2acp1"
+Address = tuple[str, int]
+TOKEN_LEN = 16
+MAX_CANDIDATES = 16
+MAX_INFO_BYTES = 4096
+INFO_VERSION = 1
+ECHO_PADDING = 24
+"""An echo request is padded so that it is never smaller than its reply (no amplification)."""
+
+
+class Kind(IntEnum):
+    PROBE = 1
+    """"Are you there?" sent to every candidate of the other side."""
+    ACK = 2
+    """Answer to a PROBE: the path works in both directions."""
+    ECHO_REQUEST = 3
+    """"Which address do you see me from?" (to a node's UDP port)."""
+    ECHO_REPLY = 4
+    """The answer, carrying the address seen."""
+
+
+@dataclass(frozen=True, slots=True)
+class PunchDatagram:
+    kind: Kind
+    token: bytes
+    address: tuple[str, int] | None = None
+
+
+def is_punch(data: bytes | memoryview) -> bool:
+    return len(data) >= len(MAGIC) and bytes(data[: len(MAGIC)]) == MAGIC
+
+
+def encode(kind: Kind, token: bytes, address: tuple[str, int] | None = None) -> bytes:
+    if len(token) != TOKEN_LEN:
+        raise ValueError("punch token must be 16 bytes")
+    out = MAGIC + bytes([kind]) + token
+    if kind is Kind.ECHO_REQUEST:
+        out += bytes(ECHO_PADDING)
+    if kind is Kind.ECHO_REPLY:
+        if address is None:
+            raise ValueError("an echo reply carries an address")
+        ip = ipaddress.ip_address(address[0])
+        out += bytes([ip.version]) + address[1].to_bytes(2, "big") + ip.packed
+    return out
+
+
+def parse(data: bytes | memoryview) -> PunchDatagram:
+    """Decode one punch datagram; any other bytes raise :class:`ProtocolError`."""
+    raw = bytes(data)
+    head = len(MAGIC) + 1 + TOKEN_LEN
+    if len(raw) < head or not is_punch(raw):
+        raise ProtocolError("not a punch datagram")
+    try:
+        kind = Kind(raw[len(MAGIC)])
+    except ValueError as exc:
+        raise ProtocolError(f"unknown punch datagram kind {raw[len(MAGIC)]}") from exc
+    token = raw[len(MAGIC) + 1 : head]
+    rest = raw[head:]
+    if kind is Kind.ECHO_REQUEST:
+        if rest != bytes(ECHO_PADDING):
+            raise ProtocolError("an echo request is padded with 24 zero bytes")
+        return PunchDatagram(kind, token)
+    if kind is not Kind.ECHO_REPLY:
+        if rest:
+            raise ProtocolError("trailing bytes in a punch datagram")
+        return PunchDatagram(kind, token)
+    if (
+        len(rest) not in (7, 19)
+        or rest[0] not in (4, 6)
+        or len(rest) != (7 if rest[0] == 4 else 19)
+    ):
+        raise ProtocolError("bad address in an echo reply")
+    port = int.from_bytes(rest[1:3], "big")
+    host = str(ipaddress.ip_address(rest[3:]))
+    if port == 0:
+        raise ProtocolError("port 0 in an echo reply")
+    return PunchDatagram(kind, token, (host, port))
+
+
+def shared_token(a: bytes, b: bytes) -> bytes:
+    """The token both sides put in their probes: derived from both sides' nonces, so each
+    side knows the other's probes belong to this very punch."""
+    lo, hi = sorted((a, b))
+    return hashlib.sha256(b"crust punch token v1\0" + lo + hi).digest()[:TOKEN_LEN]
+
+
+# --------------------------------------------------------------------------- candidates
+
+
+def clean_candidates(items: Iterable[Any], *, limit: int = MAX_CANDIDATES) -> tuple[str, ...]:
+    """Keep well-formed ``tcp://IP:PORT`` / ``quic://IP:PORT`` strings (no names, no port 0,
+    no wildcard, no multicast), without duplicates, at most ``limit``."""
+    out: list[str] = []
+    for item in items:
+        if len(out) >= limit:
+            break
+        if not isinstance(item, str):
+            continue
+        try:
+            c = Contact.parse(item)
+        except ConfigError:
+            continue
+        if not c.is_ip or c.port == 0:
+            continue
+        ip = ipaddress.ip_address(c.host)
+        if ip.is_unspecified or ip.is_multicast or ip.is_link_local:
+            continue
+        text = str(c.with_peer(None))
+        if text not in out:
+            out.append(text)
+    return tuple(out)
+
+
+def split_candidates(candidates: Sequence[str]) -> tuple[list[Address], list[Address]]:
+    """(TCP addresses, QUIC addresses) of well-formed candidates."""
+    tcp: list[tuple[str, int]] = []
+    quic: list[tuple[str, int]] = []
+    for text in clean_candidates(candidates, limit=4 * MAX_CANDIDATES):
+        c = Contact.parse(text)
+        (tcp if c.scheme == "tcp" else quic).append((c.host, c.port))
+    return tcp, quic
+
+
+@dataclass(frozen=True, slots=True)
+class PublicConnectionInfo:
+    """What one side hands the other (through any channel) to be punched to:
+    its peer id, its candidates and a fresh nonce.  ``to_bytes``/``from_bytes`` are the wire
+    form (msgpack, at most 4 KiB)."""
+
+    peer_id: PeerId
+    candidates: tuple[str, ...]
+    nonce: bytes
+
+    def to_bytes(self) -> bytes:
+        body: bytes = msgpack.packb(
+            {
+                "v": INFO_VERSION,
+                "id": bytes(self.peer_id),
+                "c": list(self.candidates),
+                "n": self.nonce,
+            }
+        )
+        return body
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> PublicConnectionInfo:
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise ProtocolError("connection info must be bytes")
+        if len(data) > MAX_INFO_BYTES:
+            raise ProtocolError("connection info too large")
+        try:
+            obj = msgpack.unpackb(bytes(data), raw=False, strict_map_key=True)
+        except Exception as exc:
+            raise ProtocolError(f"malformed connection info: {exc}") from exc
+        if not isinstance(obj, dict) or obj.get("v") != INFO_VERSION:
+            raise ProtocolError("unknown connection info version")
+        pid, cands, nonce = obj.get("id"), obj.get("c"), obj.get("n")
+        if not isinstance(pid, bytes) or len(pid) != 32:
+            raise ProtocolError("connection info: bad peer id")
+        if not isinstance(cands, list) or not isinstance(nonce, bytes) or len(nonce) != TOKEN_LEN:
+            raise ProtocolError("connection info: bad candidates or nonce")
+        return cls(PeerId(pid), clean_candidates(cands), nonce)
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionInfo:
+    """Our side of an out-of-band rendezvous (:meth:`Service.prepare_connection_info`):
+    ``public`` goes to the other side; the rest stays here."""
+
+    public: PublicConnectionInfo
+    created: float
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True, slots=True)
+class PunchParams:
+    probe_interval: float = 0.05
+    """Seconds between two UDP probe rounds."""
+    round_duration: float = 2.0
+    """Length of one strategy round."""
+    rounds: int = 3
+    """Strategy rounds before giving up (see :class:`PunchPlan`)."""
+    tcp_retry: float = 0.5
+    """A TCP simultaneous-open attempt that has not connected is restarted this often."""
+    max_probes: int = 600
+    """Probe datagrams one punch sends at most, whatever the candidates."""
+    prediction_span: int = 4
+    """Round 3 also probes this many ports either side of each external candidate."""
+
+
+@dataclass(frozen=True, slots=True)
+class SendProbe:
+    address: tuple[str, int]
+    datagram: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DialQuic:
+    """The UDP path to ``address`` works: dial QUIC over it (from the same socket)."""
+
+    address: tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class DialTcp:
+    """Start (or restart) a TCP simultaneous open from the listening port to ``address``."""
+
+    address: tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class PunchExpired:
+    """Every round ran out without a path."""
+
+
+PunchAction = SendProbe | DialQuic | DialTcp | PunchExpired
+
+
+@dataclass
+class PunchPlan:
+    """One punch towards one peer.  Both sides run it; ``dialer`` tells which side dials QUIC
+    over a working UDP path (the other accepts it).  Strategy by round:
+
+    1. probes to every QUIC candidate, TCP simultaneous open to every TCP candidate;
+    2. the same, and now both sides dial QUIC on any answering path (the chosen dialer's
+       packets may be the ones filtered);
+    3. probes also to ports near each external candidate (sequential port allocation).
+    """
+
+    token: bytes
+    tcp: Sequence[tuple[str, int]]
+    quic: Sequence[tuple[str, int]]
+    start: float
+    dialer: bool
+    params: PunchParams = field(default_factory=PunchParams)
+    probes_sent: int = 0
+    working: list[tuple[str, int]] = field(default_factory=list)
+    done: bool = False
+    _next_probe: float = 0.0
+    _next_tcp: float = 0.0
+    _dialed: set[tuple[str, int]] = field(default_factory=set)
+    _actions: list[PunchAction] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._next_probe = self.start
+        self._next_tcp = self.start
+
+    @property
+    def deadline(self) -> float:
+        p = self.params
+        return self.start + p.rounds * p.round_duration
+
+    def round(self, now: float) -> int:
+        return 1 + max(0, int((now - self.start) // self.params.round_duration))
+
+    def get_timer(self) -> float | None:
+        if self.done:
+            return None
+        times = [self.deadline, self._next_probe]
+        if self.tcp:
+            times.append(self._next_tcp)
+        return min(times)
+
+    def _targets(self, now: float) -> list[tuple[str, int]]:
+        targets = list(self.quic)
+        if self.round(now) >= 3:
+            span = self.params.prediction_span
+            for host, port in self.quic:
+                if ipaddress.ip_address(host).is_private:
+                    continue
+                for delta in range(1, span + 1):
+                    for p in (port + delta, port - delta):
+                        if 0 < p < 65536 and (host, p) not in targets:
+                            targets.append((host, p))
+        return targets
+
+    def handle_timer(self, now: float) -> None:
+        if self.done:
+            return
+        if now >= self.deadline:
+            self.done = True
+            self._actions.append(PunchExpired())
+            return
+        if now >= self._next_probe:
+            self._next_probe = now + self.params.probe_interval
+            datagram = encode(Kind.PROBE, self.token)
+            for addr in self._targets(now):
+                if self.probes_sent >= self.params.max_probes:
+                    break
+                self.probes_sent += 1
+                self._actions.append(SendProbe(addr, datagram))
+        if not self.dialer and self.round(now) >= 2:
+            for addr in self.working:
+                if addr not in self._dialed:
+                    self._dialed.add(addr)
+                    self._actions.append(DialQuic(addr))
+        if self.tcp and now >= self._next_tcp:
+            self._next_tcp = now + self.params.tcp_retry
+            self._actions.extend(DialTcp(addr) for addr in self.tcp)
+
+    def datagram_received(self, dgram: PunchDatagram, addr: tuple[str, int], now: float) -> None:
+        """A punch datagram with our token arrived from ``addr``."""
+        if self.done or dgram.token != self.token:
+            return
+        if dgram.kind is Kind.PROBE:
+            self._actions.append(SendProbe(addr, encode(Kind.ACK, self.token)))
+        if dgram.kind in (Kind.PROBE, Kind.ACK):
+            if addr not in self.working:
+                self.working.append(addr)
+            if (self.dialer or self.round(now) >= 2) and addr not in self._dialed:
+                self._dialed.add(addr)
+                self._actions.append(DialQuic(addr))
+
+    def finish(self) -> None:
+        """A connection is up (or the punch was cancelled): stop sending."""
+        self.done = True
+
+    def actions(self) -> list[PunchAction]:
+        out, self._actions = self._actions, []
+        return out

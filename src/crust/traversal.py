@@ -1,0 +1,722 @@
+"""NAT traversal for a :class:`~crust.service.Service`: address discovery, introductions
+through a connected node, and coordinated hole punching (UDP for QUIC, TCP simultaneous open).
+
+The protocol logic (datagrams, candidates, the punch schedule) is sans-IO in
+:mod:`crust.proto.punch`; this module runs it on sockets and timers and talks to the service.
+
+Signalling rides on CONTROL frames of authenticated connections:
+
+* ``{"t": "fw", "to": PEER, "m": {...}}`` asks the receiving node to forward ``m`` to ``PEER``;
+  the node delivers ``{"t": "fw", "from": SENDER, "m": {...}, "obs": CONTACT}`` where
+  ``from`` is the *authenticated* sender and ``obs`` the address the node sees it at, or
+  answers ``{"t": "fwe", "to": PEER, "e": REASON}`` (not connected to that peer, rate limited).
+* the forwarded messages, end to end between the two peers: ``intro`` (id, candidates,
+  nonce), ``ack`` (id, candidates, nonce) or ``nak`` (id, reason), then ``sync`` (id): the
+  introducing side measured the round trip between intro and ack and starts punching
+  ``rtt / 2`` after sending ``sync``, which is when ``sync`` reaches the other side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import socket
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from crust import errors
+from crust.aio.tcp import TcpProtocol, sock_contact
+from crust.aio.udp_mux import Address, UdpMux
+from crust.contact import Contact, expand_wildcard
+from crust.events import ExternalAddressChanged
+from crust.identity import PeerId
+from crust.proto import punch as pp
+from crust.types import EndpointPair
+
+if TYPE_CHECKING:
+    from crust.aio.connection import Connection
+    from crust.service import Service
+
+log = logging.getLogger("crust.traversal")
+
+MAX_OBSERVERS = 32
+"""Observations kept per protocol (one per observing peer, newest win)."""
+MAX_PUNCHES = 16
+"""Punches in progress at once (each side)."""
+ECHO_TIMEOUT = 0.6
+INTRO_TIMEOUT = 5.0
+NODES_TRIED = 3
+"""Connected peers asked, one after another, to introduce us to a peer."""
+SYNC_WAIT = 10.0
+"""How long the introduced side waits for ``sync`` after its ``ack``."""
+
+
+class TokenBucket:
+    """``rate`` per second, bursts of ``burst``; ``take(now)`` says whether one more is allowed."""
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.stamp = now
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+class BucketMap:
+    """A bounded map of token buckets (one per key); the oldest keys are forgotten first."""
+
+    def __init__(self, rate: float, burst: float, limit: int = 1024) -> None:
+        self.rate, self.burst, self.limit = rate, burst, limit
+        self._buckets: OrderedDict[Any, TokenBucket] = OrderedDict()
+
+    def take(self, key: Any, now: float) -> bool:
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= self.limit:
+                self._buckets.popitem(last=False)
+            bucket = self._buckets[key] = TokenBucket(self.rate, self.burst, now)
+        else:
+            self._buckets.move_to_end(key)
+        return bucket.take(now)
+
+
+@dataclass
+class _Punch:
+    """One punch towards ``peer`` (either side)."""
+
+    peer: PeerId
+    nonce: bytes
+    outbound: bool
+    """We asked for it (the user called connect)."""
+    remote_tcp: list[Address] = field(default_factory=list)
+    remote_quic: list[Address] = field(default_factory=list)
+    token: bytes = b""
+    plan: pp.PunchPlan | None = None
+    task: asyncio.Task[None] | None = None
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Traversal:
+    """The service's NAT traversal; created and owned by :class:`Service`."""
+
+    def __init__(self, service: Service) -> None:
+        self.svc = service
+        self._loop = asyncio.get_running_loop()
+        now = self._loop.time()
+        self._observed: dict[str, OrderedDict[PeerId, str]] = {
+            "tcp": OrderedDict(),
+            "quic": OrderedDict(),
+        }
+        self._external: dict[str, str] = {}
+        self._external_ips: list[str] = []
+        self._punches: dict[PeerId, _Punch] = {}
+        self._by_token: dict[bytes, _Punch] = {}
+        self._echo_waiters: dict[bytes, asyncio.Future[Address]] = {}
+        self._intro_waiters: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._next_id = int.from_bytes(os.urandom(4), "big")
+        self._forward_per_peer = BucketMap(rate=2.0, burst=10.0)
+        self._forward_total = TokenBucket(rate=200.0, burst=400.0, now=now)
+        self._echo_total = TokenBucket(rate=500.0, burst=1000.0, now=now)
+        self._intro_per_peer = BucketMap(rate=1.0, burst=5.0)
+        self.counters: dict[str, int] = {
+            "punch_attempts": 0,
+            "punch_successes": 0,
+            "punch_failures": 0,
+            "introductions_forwarded": 0,
+            "introductions_refused": 0,
+            "echo_replies": 0,
+            "punch_datagrams_dropped": 0,
+        }
+
+    # ================================================================ address discovery
+
+    def observe(self, conn: Connection, observed: Any) -> None:
+        """A peer told us (in its hello) the address it sees this connection come from."""
+        peer = conn.peer_id
+        if peer is None or not isinstance(observed, str):
+            return
+        try:
+            seen = Contact.parse(observed)
+        except errors.ConfigError:
+            return
+        if not seen.is_ip or seen.scheme != conn.transport_name:
+            return
+        ip = ipaddress.ip_address(seen.host)
+        if ip.is_unspecified or ip.is_multicast or ip.is_loopback:
+            return
+        if seen.host not in self._external_ips:
+            self._external_ips.insert(0, seen.host)
+            del self._external_ips[8:]
+        scheme = seen.scheme
+        # a TCP connection we dialed leaves from an ephemeral port: only its IP tells anything;
+        # a QUIC one leaves from the listener's own socket, so it shows the listener's mapping
+        if scheme == "tcp" and conn.outbound:
+            return
+        table = self._observed[scheme]
+        table.pop(peer, None)
+        table[peer] = str(seen.with_peer(None))
+        while len(table) > MAX_OBSERVERS:
+            table.popitem(last=False)
+        self._update_external(scheme)
+
+    def _update_external(self, scheme: str) -> None:
+        """The external endpoint is what most observers agree on (the newest on a tie)."""
+        table = self._observed[scheme]
+        if not table:
+            return
+        votes: dict[str, int] = {}
+        for text in table.values():
+            votes[text] = votes.get(text, 0) + 1
+        newest = next(reversed(table.values()))
+        best = max(votes, key=lambda t: (votes[t], t == newest))
+        if best in self.local_contacts(scheme):
+            return  # not behind a NAT for this protocol
+        if self._external.get(scheme) == best:
+            return
+        self._external[scheme] = best
+        eps = self.svc._endpoints
+        for i, ep in enumerate(eps):
+            if ep.protocol == scheme:
+                eps[i] = EndpointPair(ep.protocol, ep.local, best)
+        self.svc._emit(ExternalAddressChanged(best))
+        log.info("external %s address: %s", scheme, best)
+
+    def external(self, scheme: str) -> str | None:
+        return self._external.get(scheme)
+
+    def local_contacts(self, scheme: str) -> list[str]:
+        out: list[str] = []
+        for ep in self.svc._endpoints:
+            if ep.protocol != scheme:
+                continue
+            c = Contact.parse(ep.local)
+            for host in expand_wildcard(c.host):
+                out.append(str(Contact(scheme, host, c.port)))
+        return out
+
+    def candidates(self, *, loopback: bool) -> list[str]:
+        """Our candidates: external endpoints, then local ones (and, for TCP, each external IP
+        with the listening port: most NATs keep the port when they can)."""
+        out: list[str] = []
+        for scheme in ("quic", "tcp"):
+            ext = self._external.get(scheme)
+            if ext:
+                out.append(ext)
+            ports = [Contact.parse(c).port for c in self.local_contacts(scheme)]
+            for ip in self._external_ips:
+                out.extend(str(Contact.from_address(scheme, (ip, p))) for p in dict.fromkeys(ports))
+            for c in self.local_contacts(scheme):
+                if loopback == ipaddress.ip_address(Contact.parse(c).host).is_loopback:
+                    out.append(c)
+        return list(pp.clean_candidates(out, limit=pp.MAX_CANDIDATES))
+
+    # ================================================================ UDP datagrams
+
+    def on_datagram(self, mux: UdpMux, data: bytes, addr: Address) -> None:
+        """A non-QUIC datagram on one of our UDP sockets."""
+        if not pp.is_punch(data):
+            self.counters["punch_datagrams_dropped"] += 1
+            return
+        try:
+            dgram = pp.parse(data)
+        except errors.ProtocolError:
+            self.counters["punch_datagrams_dropped"] += 1
+            return
+        now = self._loop.time()
+        addr = (addr[0].partition("%")[0], addr[1])
+        if dgram.kind is pp.Kind.ECHO_REQUEST:
+            if self._echo_total.take(now):
+                self.counters["echo_replies"] += 1
+                mux.sendto(pp.encode(pp.Kind.ECHO_REPLY, dgram.token, addr), addr)
+            return
+        if dgram.kind is pp.Kind.ECHO_REPLY:
+            waiter = self._echo_waiters.pop(dgram.token, None)
+            if waiter is not None and not waiter.done() and dgram.address is not None:
+                waiter.set_result(dgram.address)
+            return
+        punch = self._by_token.get(dgram.token)
+        if punch is None or punch.plan is None:
+            self.counters["punch_datagrams_dropped"] += 1
+            return
+        punch.plan.datagram_received(dgram, addr, now)
+        self._run_actions(punch, mux)
+
+    async def echo(self, mux: UdpMux, server: Address, timeout: float = ECHO_TIMEOUT) -> Address:
+        """Ask ``server`` (a crust node's UDP port) which address it sees ``mux`` at."""
+        token = os.urandom(pp.TOKEN_LEN)
+        fut: asyncio.Future[Address] = self._loop.create_future()
+        self._echo_waiters[token] = fut
+        try:
+            async with asyncio.timeout(timeout):
+                delay = 0.1
+                while True:
+                    mux.sendto(pp.encode(pp.Kind.ECHO_REQUEST, token), server)
+                    done, _ = await asyncio.wait({fut}, timeout=delay)
+                    if done:
+                        return fut.result()
+                    delay *= 2
+        finally:
+            self._echo_waiters.pop(token, None)
+
+    async def learn_udp_mapping(self, via: PeerId) -> None:
+        """Find our QUIC listener's external mapping from a node's UDP port (address echo)."""
+        mux = self._listener_mux()
+        if mux is None:
+            return
+        for text in self.svc._known.get(via, []):
+            c = Contact.parse(text)
+            if c.scheme != "quic" or ipaddress.ip_address(c.host).version != (
+                6 if mux.family == socket.AF_INET6 else 4
+            ):
+                continue
+            if ipaddress.ip_address(c.host).is_loopback:
+                continue
+            try:
+                seen = await self.echo(mux, (c.host, c.port))
+            except (TimeoutError, OSError):
+                continue
+            table = self._observed["quic"]
+            table.pop(via, None)
+            table[via] = str(Contact.from_address("quic", seen))
+            self._update_external("quic")
+            return
+
+    def _listener_mux(self, family: int = socket.AF_INET) -> UdpMux | None:
+        for mux in self.svc._muxes:
+            if mux.family == family and not mux.closed:
+                return mux
+        return None
+
+    # ================================================================ signalling
+
+    def handle_control(self, conn: Connection, payload: dict[str, Any]) -> None:
+        """A CONTROL frame from an authenticated peer."""
+        peer = conn.peer_id
+        if peer is None:
+            return
+        kind = payload.get("t")
+        if kind == "fw":
+            if "to" in payload:
+                self._forward(conn, peer, payload)
+            elif "from" in payload:
+                self._forwarded(conn, payload)
+        elif kind == "fwe":
+            ref = payload.get("ref")
+            waiter = self._intro_waiters.get(ref) if isinstance(ref, int) else None
+            if waiter is not None and not waiter.done():
+                waiter.set_result({"k": "nak", "e": str(payload.get("e", "refused"))[:200]})
+
+    def _forward(self, conn: Connection, sender: PeerId, payload: dict[str, Any]) -> None:
+        """We are the node: pass ``m`` on to ``to`` if we are connected to it."""
+        now = self._loop.time()
+        to, inner = payload.get("to"), payload.get("m")
+        ref = inner.get("id") if isinstance(inner, dict) else None
+
+        def refuse(reason: str) -> None:
+            self.counters["introductions_refused"] += 1
+            conn.session.send_control({"t": "fwe", "to": to, "ref": ref, "e": reason})
+            conn.control_changed()
+
+        if not isinstance(to, bytes) or len(to) != 32 or not isinstance(inner, dict):
+            refuse("malformed")
+            return
+        if not self.svc.config.hole_punching and not self.svc.config.relay:
+            refuse("introductions disabled")
+            return
+        if not (self._forward_per_peer.take(sender, now) and self._forward_total.take(now)):
+            refuse("rate limited")
+            return
+        target = self.svc._active.get(PeerId(to))
+        if target is None or target.closed or PeerId(to) == sender:
+            refuse("not connected to that peer")
+            return
+        self.counters["introductions_forwarded"] += 1
+        target.session.send_control(
+            {"t": "fw", "from": bytes(sender), "m": inner, "obs": conn.remote}
+        )
+        target.control_changed()
+
+    def _send_via(self, node: Connection, to: PeerId, inner: dict[str, Any]) -> None:
+        node.session.send_control({"t": "fw", "to": bytes(to), "m": inner})
+        node.control_changed()
+
+    def _forwarded(self, node: Connection, payload: dict[str, Any]) -> None:
+        """A message another peer sent us through ``node``."""
+        sender_raw, inner = payload.get("from"), payload.get("m")
+        if (
+            not isinstance(sender_raw, bytes)
+            or len(sender_raw) != 32
+            or not isinstance(inner, dict)
+        ):
+            return
+        sender = PeerId(sender_raw)
+        kind = inner.get("k")
+        ref = inner.get("id")
+        if not isinstance(ref, int):
+            return
+        if kind in ("ack", "nak"):
+            waiter = self._intro_waiters.get(ref)
+            if waiter is not None and not waiter.done():
+                waiter.set_result({**inner, "from": sender, "obs": payload.get("obs")})
+            return
+        if kind == "intro":
+            self.svc._spawn(self._introduced(node, sender, inner, payload.get("obs")))
+        elif kind == "sync":
+            punch = self._punches.get(sender)
+            if punch is not None and not punch.outbound and punch.plan is None:
+                self._start(punch, self._loop.time())
+
+    async def _introduced(
+        self, node: Connection, sender: PeerId, inner: dict[str, Any], obs: Any
+    ) -> None:
+        """``sender`` wants to punch to us: answer with our candidates, wait for ``sync``."""
+        ref = inner["id"]
+        nonce = inner.get("n")
+        reason = self._refusal(sender)
+        if reason is None and (not isinstance(nonce, bytes) or len(nonce) != pp.TOKEN_LEN):
+            reason = "malformed"
+        if reason is not None:
+            self.counters["introductions_refused"] += 1
+            self._send_via(node, sender, {"k": "nak", "id": ref, "e": reason})
+            return
+        assert isinstance(nonce, bytes)
+        punch = _Punch(sender, os.urandom(pp.TOKEN_LEN), outbound=False)
+        self._set_remote(punch, inner.get("c"), obs)
+        self._register(punch, nonce)
+        try:
+            if node.peer_id is not None:
+                await self.learn_udp_mapping(node.peer_id)
+            loopback = _is_loopback(node.remote)
+            self._send_via(
+                node,
+                sender,
+                {"k": "ack", "id": ref, "c": self.candidates(loopback=loopback), "n": punch.nonce},
+            )
+            async with asyncio.timeout(
+                SYNC_WAIT + pp.PunchParams().rounds * pp.PunchParams().round_duration
+            ):
+                await punch.started.wait()
+                await self.svc._wait_peer(sender)
+        except TimeoutError:
+            pass
+        finally:
+            self._unregister(punch)
+
+    def _refusal(self, peer: PeerId) -> str | None:
+        svc = self.svc
+        if not svc.config.hole_punching:
+            return "hole punching disabled"
+        if peer in svc._active:
+            return "already connected"
+        if peer in self._punches:
+            return "punch already in progress"
+        if len(self._punches) >= MAX_PUNCHES:
+            return "too many punches in progress"
+        if not svc._peer_allowed(peer, "0.0.0.0"):
+            return "refused"
+        if not self._intro_per_peer.take(peer, self._loop.time()):
+            return "rate limited"
+        return None
+
+    def _set_remote(self, punch: _Punch, cands: Any, obs: Any) -> None:
+        """The other side's candidates, plus guesses from the address the node saw it at."""
+        items = cands if isinstance(cands, list) else []
+        tcp, quic = pp.split_candidates(pp.clean_candidates(items))
+        if isinstance(obs, str):
+            with contextlib.suppress(errors.ConfigError):
+                seen = Contact.parse(obs)
+                if seen.is_ip:
+                    if seen.scheme == "quic":
+                        quic.insert(0, (seen.host, seen.port))
+                    for port in dict.fromkeys(p for _, p in tcp):
+                        tcp.append((seen.host, port))
+                    for port in dict.fromkeys(p for _, p in quic):
+                        quic.append((seen.host, port))
+        punch.remote_tcp = list(dict.fromkeys(tcp))[: pp.MAX_CANDIDATES]
+        punch.remote_quic = list(dict.fromkeys(quic))[: pp.MAX_CANDIDATES]
+
+    def _register(self, punch: _Punch, their_nonce: bytes) -> None:
+        token = pp.shared_token(punch.nonce, their_nonce)
+        punch.plan = None
+        self._punches[punch.peer] = punch
+        self._by_token[token] = punch
+        punch.token = token
+
+    def _unregister(self, punch: _Punch) -> None:
+        if self._punches.get(punch.peer) is punch:
+            del self._punches[punch.peer]
+        if self._by_token.get(punch.token) is punch:
+            del self._by_token[punch.token]
+        if punch.plan is not None:
+            punch.plan.finish()
+        if punch.task is not None:
+            punch.task.cancel()
+
+    # ================================================================ punching
+
+    async def punch(self, peer: PeerId) -> PeerId:
+        """Reach ``peer`` through a connected node: introduction, then a coordinated punch."""
+        svc = self.svc
+        if not svc.config.hole_punching:
+            raise errors.HolePunchFailed("hole punching is disabled (hole_punching = false)")
+        if peer in self._punches:
+            raise errors.HolePunchFailed(f"a punch to {peer} is already in progress")
+        if len(self._punches) >= MAX_PUNCHES:
+            raise errors.LimitExceeded("too many punches in progress")
+        nodes = [c for p, c in list(svc._active.items()) if p != peer and not c.closed]
+        if not nodes:
+            raise errors.HolePunchFailed(f"no connected node to introduce us to {peer}")
+        reasons: list[str] = []
+        for node in nodes[:NODES_TRIED]:
+            try:
+                return await self._punch_via(node, peer)
+            except errors.HolePunchFailed as exc:
+                reasons.append(str(exc))
+                if "refused" in str(exc) or "punch failed" in str(exc):
+                    break
+        self.counters["punch_failures"] += 1
+        raise errors.HolePunchFailed(f"cannot punch to {peer}: " + "; ".join(reasons))
+
+    async def _punch_via(self, node: Connection, peer: PeerId) -> PeerId:
+        node_id = node.peer_id
+        assert node_id is not None
+        punch = _Punch(peer, os.urandom(pp.TOKEN_LEN), outbound=True)
+        self._punches[peer] = punch
+        ref = self._next_id = (self._next_id + 1) & 0x7FFFFFFF
+        fut: asyncio.Future[dict[str, Any]] = self._loop.create_future()
+        self._intro_waiters[ref] = fut
+        try:
+            await self.learn_udp_mapping(node_id)
+            cands = self.candidates(loopback=_is_loopback(node.remote))
+            sent = self._loop.time()
+            self._send_via(node, peer, {"k": "intro", "id": ref, "c": cands, "n": punch.nonce})
+            try:
+                async with asyncio.timeout(INTRO_TIMEOUT):
+                    reply = await fut
+            except TimeoutError:
+                raise errors.HolePunchFailed(
+                    f"no answer to the introduction via {node_id.short()}"
+                ) from None
+            if reply.get("k") != "ack":
+                raise errors.HolePunchFailed(
+                    f"introduction via {node_id.short()}: {reply.get('e')}"
+                )
+            nonce = reply.get("n")
+            if not isinstance(nonce, bytes) or len(nonce) != pp.TOKEN_LEN:
+                raise errors.HolePunchFailed("malformed introduction answer")
+            rtt = self._loop.time() - sent
+            self._set_remote(punch, reply.get("c"), reply.get("obs"))
+            self._register(punch, nonce)
+            self._send_via(node, peer, {"k": "sync", "id": ref})
+            self._start(punch, self._loop.time() + rtt / 2)
+            return await self._outcome(punch)
+        finally:
+            self._intro_waiters.pop(ref, None)
+            self._unregister(punch)
+
+    async def _outcome(self, punch: _Punch) -> PeerId:
+        """Wait until the peer is connected (any path) or the plan expires."""
+        self.counters["punch_attempts"] += 1
+        assert punch.task is not None
+        waiter = asyncio.ensure_future(self.svc._wait_peer(punch.peer))
+        try:
+            done, _ = await asyncio.wait({waiter, punch.task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await waiter
+        if waiter in done and not waiter.cancelled() and waiter.exception() is None:
+            self.counters["punch_successes"] += 1
+            return punch.peer
+        self.counters["punch_failures"] += 1
+        raise errors.HolePunchFailed(f"punch failed: no path to {punch.peer} answered")
+
+    def _start(self, punch: _Punch, at: float) -> None:
+        punch.plan = pp.PunchPlan(
+            token=punch.token,
+            tcp=punch.remote_tcp,
+            quic=punch.remote_quic,
+            start=at,
+            dialer=punch.outbound,
+        )
+        punch.started.set()
+        punch.task = asyncio.ensure_future(self._drive(punch))
+
+    async def _drive(self, punch: _Punch) -> None:
+        """Run the plan's timer until it expires or the peer is connected."""
+        plan = punch.plan
+        assert plan is not None
+        mux = self._listener_mux()
+        while not plan.done:
+            if punch.peer in self.svc._active:
+                plan.finish()
+                return
+            when = plan.get_timer()
+            if when is None:
+                break
+            delay = max(0.0, when - self._loop.time())
+            if delay:
+                await asyncio.sleep(delay)
+            plan.handle_timer(self._loop.time())
+            self._run_actions(punch, mux)
+
+    def _run_actions(self, punch: _Punch, mux: UdpMux | None) -> None:
+        plan = punch.plan
+        if plan is None:
+            return
+        for action in plan.actions():
+            if isinstance(action, pp.SendProbe):
+                if mux is not None and not mux.closed:
+                    with contextlib.suppress(OSError):
+                        mux.sendto(action.datagram, action.address)
+            elif isinstance(action, pp.DialQuic):
+                if mux is not None and punch.peer not in self.svc._active:
+                    self.svc._spawn(self._dial_quic(punch, mux, action.address))
+            elif isinstance(action, pp.DialTcp) and punch.peer not in self.svc._active:
+                self.svc._spawn(self._dial_tcp(punch, action.address))
+
+    def punched_address(self, addr: Address, scheme: str) -> PeerId | None:
+        """The peer a punch expects a connection from at ``addr`` (for inbound connections)."""
+        for punch in self._punches.values():
+            if punch.plan is None:
+                continue
+            if scheme == "tcp":
+                if addr in punch.remote_tcp:
+                    return punch.peer
+            elif addr in punch.plan.working or addr in punch.remote_quic:
+                return punch.peer
+        return None
+
+    async def _dial_quic(self, punch: _Punch, mux: UdpMux, addr: Address) -> None:
+        contact = Contact.from_address("quic", addr, punch.peer)
+        with contextlib.suppress(errors.CrustError, OSError):
+            await self.svc._attempt_quic(contact, mux=mux, path="punched")
+
+    async def _dial_tcp(self, punch: _Punch, addr: Address) -> None:
+        """One TCP simultaneous-open attempt from the listening port."""
+        svc = self.svc
+        listen = self._tcp_listen_address(addr)
+        if listen is None:
+            return
+        family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if hasattr(socket, "SO_REUSEPORT"):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.setblocking(False)
+            sock.bind(listen)
+            plan = punch.plan
+            timeout = plan.params.tcp_retry if plan is not None else 0.5
+            async with asyncio.timeout(timeout):
+                await self._loop.sock_connect(sock, addr)
+        except (OSError, TimeoutError):
+            sock.close()
+            return
+        if punch.peer in svc._active:
+            sock.close()
+            return
+        initiator = svc.peer_id < punch.peer
+
+        def make(transport: asyncio.Transport) -> Connection:
+            return svc._new_connection(
+                sock_contact(transport, "peername"),
+                sock_contact(transport, "sockname"),
+                initiator=initiator,
+                expected=punch.peer,
+                transport_name="tcp",
+                outbound=punch.outbound,
+                path="punched",
+            )
+
+        try:
+            _, protocol = await self._loop.create_connection(lambda: TcpProtocol(make), sock=sock)
+        except OSError:
+            sock.close()
+            return
+        conn = await protocol.made
+        if conn is not None and initiator:
+            with contextlib.suppress(errors.CrustError):
+                await svc._keep_attempt(conn)
+
+    def _tcp_listen_address(self, dest: Address) -> tuple[str, int] | None:
+        want_v6 = ":" in dest[0]
+        for server in self.svc._servers:
+            for sock in server.sockets:
+                host, port = sock.getsockname()[:2]
+                if (sock.family == socket.AF_INET6) == want_v6:
+                    return host, port
+        return None
+
+    def inbound_role(self, remote: str, scheme: str) -> tuple[PeerId, bool] | None:
+        """For an inbound connection from an address a punch expects: (peer, initiator?)."""
+        try:
+            c = Contact.parse(remote)
+        except errors.ConfigError:
+            return None
+        peer = self.punched_address((c.host, c.port), scheme)
+        if peer is None:
+            return None
+        return peer, self.svc.peer_id < peer
+
+    # ================================================================ out-of-band info
+
+    async def prepare(self) -> pp.ConnectionInfo:
+        nodes = [p for p, c in self.svc._active.items() if not c.closed]
+        for node in nodes[:NODES_TRIED]:
+            await self.learn_udp_mapping(node)
+            if self._external.get("quic"):
+                break
+        public = pp.PublicConnectionInfo(
+            self.svc.peer_id,
+            tuple(self.candidates(loopback=not self._external_ips)),
+            os.urandom(pp.TOKEN_LEN),
+        )
+        return pp.ConnectionInfo(public, self._loop.time())
+
+    async def connect_with_info(
+        self, ours: pp.ConnectionInfo, theirs: pp.PublicConnectionInfo
+    ) -> PeerId:
+        peer = theirs.peer_id
+        if peer == self.svc.peer_id:
+            raise errors.InvalidArgument("that connection info is our own")
+        if peer in self.svc._active:
+            return peer
+        if not self.svc.config.hole_punching:
+            raise errors.HolePunchFailed("hole punching is disabled (hole_punching = false)")
+        if peer in self._punches:
+            raise errors.HolePunchFailed(f"a punch to {peer} is already in progress")
+        punch = _Punch(peer, ours.public.nonce, outbound=self.svc.peer_id < peer)
+        self._set_remote(punch, list(theirs.candidates), None)
+        self._register(punch, theirs.nonce)
+        try:
+            self._start(punch, self._loop.time())
+            return await self._outcome(punch)
+        finally:
+            self._unregister(punch)
+
+    def close(self) -> None:
+        for punch in list(self._punches.values()):
+            self._unregister(punch)
+        for waiters in (self._echo_waiters, self._intro_waiters):
+            for fut in waiters.values():
+                if not fut.done():
+                    fut.cancel()
+
+
+def _is_loopback(contact: str) -> bool:
+    with contextlib.suppress(errors.ConfigError, ValueError):
+        return ipaddress.ip_address(Contact.parse(contact).host).is_loopback
+    return False
