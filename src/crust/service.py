@@ -317,18 +317,15 @@ class Service:
             self._counters.refused += 1
             link.abort()
             return
-        path = "direct"
-        if self._traversal is not None and self._traversal.punched_address(
-            link.remote_address, "quic"
-        ):
-            path = "punched"
+        punched = self._traversal.inbound_role(link.remote, "quic") if self._traversal else None
         conn = self._new_connection(
             link.remote,
             link.local,
             initiator=False,
             expected=None,
             transport_name="quic",
-            path=path,
+            outbound=punched[2] if punched else False,
+            path="punched" if punched else "direct",
         )
         link.attach(conn)
 
@@ -695,14 +692,14 @@ class Service:
         if punched is not None:
             # a TCP simultaneous open that met our listener: roles by peer id, as on the
             # other side's socket
-            peer, initiator = punched
+            peer, initiator, asked = punched
             return self._new_connection(
                 remote,
                 sock_contact(transport, "sockname"),
                 initiator=initiator,
                 expected=peer,
                 transport_name="tcp",
-                outbound=False,
+                outbound=asked,
                 path="punched",
             )
         return self._new_connection(

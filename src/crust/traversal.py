@@ -660,8 +660,9 @@ class Traversal:
                     return host, port
         return None
 
-    def inbound_role(self, remote: str, scheme: str) -> tuple[PeerId, bool] | None:
-        """For an inbound connection from an address a punch expects: (peer, initiator?)."""
+    def inbound_role(self, remote: str, scheme: str) -> tuple[PeerId, bool, bool] | None:
+        """For an inbound connection from an address a punch expects:
+        (peer, are we the handshake initiator, did we ask for the punch)."""
         try:
             c = Contact.parse(remote)
         except errors.ConfigError:
@@ -669,7 +670,7 @@ class Traversal:
         peer = self.punched_address((c.host, c.port), scheme)
         if peer is None:
             return None
-        return peer, self.svc.peer_id < peer
+        return peer, self.svc.peer_id < peer, self._punches[peer].outbound
 
     # ================================================================ out-of-band info
 

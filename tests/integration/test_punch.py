@@ -1,0 +1,122 @@
+"""Introductions and coordinated punching on loopback (no NAT: the signalling, the roles, the
+single resulting connection; the NAT lab tests the traversal itself)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+import crust
+from crust import errors
+from crust.events import ConnectFailed, ExternalAddressChanged, MessageReceived, PeerConnected
+from crust.proto.punch import PublicConnectionInfo
+
+TCP = ("tcp://127.0.0.1:0",)
+QUIC = ("quic://127.0.0.1:0",)
+BOTH = (*TCP, *QUIC)
+
+
+async def trio(make: Callable[..., Any], listen: tuple[str, ...], **kw: Any) -> Any:
+    node, wn = await make(listen=BOTH)
+    a, wa = await make(listen=listen, **kw)
+    b, wb = await make(listen=listen, **kw)
+    await a.connect(node.contacts())
+    await b.connect(node.contacts())
+    await wn.count(PeerConnected, 2)
+    return node, (a, wa), (b, wb)
+
+
+@pytest.mark.parametrize("listen", [TCP, QUIC, BOTH], ids=["tcp", "quic", "both"])
+async def test_connect_by_peer_id_through_a_node(make: Callable[..., Any], listen: Any) -> None:
+    node, (a, wa), (b, wb) = await trio(make, listen)
+    assert b.peer_id not in a._known  # a has no contact of b: only an introduction can help
+    assert await a.connect(b.peer_id) == b.peer_id
+    ev = await wa.wait(PeerConnected, lambda e: e.peer == b.peer_id)
+    assert ev.path == "punched"
+    assert ev.transport in {c.split(":")[0] for c in listen}
+    evb = await wb.wait(PeerConnected, lambda e: e.peer == a.peer_id)
+    assert evb.path == "punched" and evb.transport == ev.transport
+    assert a.connection(b.peer_id).path == "punched"
+    await a.send(b.peer_id, b"through the hole")
+    await b.send(a.peer_id, b"and back")
+    assert (await wb.wait(MessageReceived)).data == b"through the hole"
+    assert (await wa.wait(MessageReceived)).data == b"and back"
+    assert node.statistics().introductions_forwarded >= 3  # intro, ack, sync
+    assert a.statistics().punch_successes == 1
+    # racing paths may have produced duplicates: they close, the chosen one stays on both sides
+    for svc, other in ((a, b), (b, a)):
+        kept = svc._active[other.peer_id]
+        extra = [c for c in svc._conns if c.peer_id == other.peer_id and c is not kept]
+        if extra:
+            await asyncio.wait_for(asyncio.gather(*(svc._closed_future(c) for c in extra)), 5)
+        assert svc.is_connected(other.peer_id) and svc._active[other.peer_id] is kept
+    assert a.connection(b.peer_id).transport == b.connection(a.peer_id).transport
+
+
+async def test_node_refuses_to_introduce_a_peer_it_is_not_connected_to(
+    make: Callable[..., Any],
+) -> None:
+    node, _ = await make(listen=BOTH)
+    a, wa = await make(listen=BOTH)
+    await a.connect(node.contacts())
+    stranger = crust.Identity.generate().peer_id
+    with pytest.raises(errors.HolePunchFailed, match="not connected to that peer"):
+        await a.connect(stranger)
+    assert (await wa.wait(ConnectFailed)).target == str(stranger)
+    assert node.statistics().introductions_refused == 1
+
+
+async def test_introduced_peer_with_hole_punching_off_refuses(make: Callable[..., Any]) -> None:
+    node, wn = await make(listen=BOTH)
+    a, _ = await make(listen=BOTH)
+    b, _ = await make(listen=BOTH, hole_punching=False)
+    await a.connect(node.contacts())
+    await b.connect(node.contacts())
+    await wn.count(PeerConnected, 2)
+    with pytest.raises(errors.HolePunchFailed, match="hole punching disabled"):
+        await a.connect(b.peer_id)
+    assert not a.is_connected(b.peer_id)
+
+
+async def test_hole_punching_off_with_no_contact_fails_fast(make: Callable[..., Any]) -> None:
+    a, _ = await make(listen=BOTH, hole_punching=False)
+    with pytest.raises(errors.ConnectError, match="hole_punching is off"):
+        await a.connect(crust.Identity.generate().peer_id)
+
+
+@pytest.mark.parametrize("listen", [TCP, QUIC], ids=["tcp", "quic"])
+async def test_connect_with_info_out_of_band(make: Callable[..., Any], listen: Any) -> None:
+    a, wa = await make(listen=listen)
+    b, wb = await make(listen=listen)
+    ia = await a.prepare_connection_info()
+    ib = await b.prepare_connection_info()
+    wire_a, wire_b = ia.public.to_bytes(), ib.public.to_bytes()
+    assert PublicConnectionInfo.from_bytes(wire_a) == ia.public
+    got = await asyncio.gather(a.connect_with_info(ia, wire_b), b.connect_with_info(ib, wire_a))
+    assert list(got) == [b.peer_id, a.peer_id]
+    assert (await wa.wait(PeerConnected)).path == "punched"
+    assert (await wb.wait(PeerConnected)).path == "punched"
+    await a.send(b.peer_id, b"rendezvous")
+    assert (await wb.wait(MessageReceived)).data == b"rendezvous"
+
+
+async def test_garbage_connection_info_is_a_protocol_error(make: Callable[..., Any]) -> None:
+    a, _ = await make(listen=BOTH)
+    ia = await a.prepare_connection_info()
+    with pytest.raises(errors.ProtocolError):
+        await a.connect_with_info(ia, b"\x00garbage")
+    with pytest.raises(errors.InvalidArgument):
+        await a.connect_with_info(ia, ia.public)
+
+
+async def test_loopback_observations_are_not_external_addresses(
+    make: Callable[..., Any],
+) -> None:
+    a, wa = await make(listen=BOTH)
+    b, _ = await make(listen=BOTH)
+    await a.connect(b.contacts())
+    assert all(ep.external is None for ep in a.endpoints())
+    assert not wa.of(ExternalAddressChanged)
