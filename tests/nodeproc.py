@@ -40,6 +40,8 @@ class NodeProcess:
         index: int,
         stdin: int | IO[Any] | None,
         wrap: Sequence[str] = (),
+        *,
+        wait: bool = True,
     ) -> None:
         self.stderr_path = tmp_path / f"node{index}.stderr"
         self._stderr = self.stderr_path.open("wb")
@@ -56,10 +58,19 @@ class NodeProcess:
         self.history: list[Line] = []
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
-        self.ready = self.next_line()
+        self.ready: Line = {}
+        self.peer_id = ""
+        self.contact = ""
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self, timeout: float = TIMEOUT) -> Line:
+        """The node's first line ("ready"), with its peer id and contacts."""
+        self.ready = self.next_line(timeout)
         assert self.ready["event"] == "ready", self.ready
-        self.peer_id: str = self.ready["peer_id"]
-        self.contact: str = self.ready["contacts"][0]
+        self.peer_id = self.ready["peer_id"]
+        self.contact = self.ready["contacts"][0]
+        return self.ready
 
     def _read(self) -> None:
         assert self.proc.stdout is not None

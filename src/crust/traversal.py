@@ -155,6 +155,9 @@ class Traversal:
         ip = ipaddress.ip_address(seen.host)
         if ip.is_unspecified or ip.is_multicast or ip.is_loopback:
             return
+        if conn.outbound and "quic" not in self._external and self._listener_mux() is not None:
+            # learn the QUIC listener's mapping too (one small datagram to this peer's UDP port)
+            self.svc._spawn(self.learn_udp_mapping(peer))
         if seen.host not in self._external_ips:
             self._external_ips.insert(0, seen.host)
             del self._external_ips[8:]
@@ -588,14 +591,20 @@ class Traversal:
                 self.svc._spawn(self._dial_tcp(punch, action.address))
 
     def punched_address(self, addr: Address, scheme: str) -> PeerId | None:
-        """The peer a punch expects a connection from at ``addr`` (for inbound connections)."""
-        for punch in self._punches.values():
-            if punch.plan is None:
-                continue
-            if scheme == "tcp":
-                if addr in punch.remote_tcp:
-                    return punch.peer
-            elif addr in punch.plan.working or addr in punch.remote_quic:
+        """The peer a running punch expects a connection from at ``addr`` (inbound).
+
+        The exact address first; else the same IP (a symmetric NAT on the other side picks a
+        new port for every destination, so its SYN arrives from a port nobody announced)."""
+        running = [p for p in self._punches.values() if p.plan is not None]
+        for punch in running:
+            assert punch.plan is not None
+            known = punch.remote_tcp if scheme == "tcp" else punch.plan.working + punch.remote_quic
+            if addr in known:
+                return punch.peer
+        for punch in running:
+            assert punch.plan is not None
+            known = punch.remote_tcp if scheme == "tcp" else punch.plan.working + punch.remote_quic
+            if any(host == addr[0] for host, _ in known):
                 return punch.peer
         return None
 

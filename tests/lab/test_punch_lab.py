@@ -1,0 +1,85 @@
+"""crust itself in the NAT lab: introductions through a public node and hole punching.
+
+Every trial runs real ``crust node`` processes in the lab's namespaces (see
+``tests/lab/matrix.py``, also runnable as ``scripts/lab``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.lab.conftest import LabFactory
+from tests.lab.matrix import CONE_TYPES, SCHEMES, PunchLab, pairs, summarize
+from tests.lab.netlab import HostSpec, LabSpec, NatType, RouterSpec, pair_spec
+
+pytestmark = pytest.mark.lab
+
+TRIALS = int(os.environ.get("CRUST_LAB_TRIALS", "5"))
+
+
+@pytest.mark.parametrize(("nat_a", "nat_b"), pairs(CONE_TYPES), ids=lambda n: str(n))
+def test_cone_pairs_always_connect_directly(
+    lab_factory: LabFactory, tmp_path: Path, nat_a: NatType, nat_b: NatType
+) -> None:
+    plab = PunchLab(lab_factory(pair_spec(nat_a, nat_b)), tmp_path)
+    results = [plab.trial(nat_a, nat_b, scheme) for scheme in SCHEMES for _ in range(TRIALS)]
+    failed = [r for r in results if not r.direct]
+    assert not failed, summarize(results)
+    for r in results:
+        assert r.path == "punched" and r.transport == r.scheme
+
+
+@pytest.mark.parametrize(
+    ("nat_a", "nat_b"), [("port-restricted", "symmetric"), ("symmetric", "symmetric")]
+)
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_symmetric_pairs_fail_cleanly_or_connect(
+    lab_factory: LabFactory, tmp_path: Path, nat_a: NatType, nat_b: NatType, scheme: str
+) -> None:
+    """Not this issue's goal (port prediction, birthday probing and relays come next), but
+    they must end with HolePunchFailed, never hang."""
+    plab = PunchLab(lab_factory(pair_spec(nat_a, nat_b)), tmp_path)
+    r = plab.trial(nat_a, nat_b, scheme)
+    assert r.ok or r.error.startswith("HolePunchFailed"), r
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_hosts_behind_one_nat_connect_over_their_lan(
+    lab_factory: LabFactory, tmp_path: Path, scheme: str
+) -> None:
+    spec = LabSpec(
+        routers=[RouterSpec("ra", nat="port-restricted")],
+        hosts=[HostSpec("pub"), HostSpec("a", router="ra"), HostSpec("b", router="ra")],
+    )
+    lab = lab_factory(spec)
+    plab = PunchLab(lab, tmp_path)
+    with plab.pair(scheme) as (a, b):
+        a.command(cmd="connect", to=b.peer_id, id="c")
+        a.expect("connected", id="c")
+        a.command(cmd="peers")
+        peers = {p["peer"]: p for p in a.expect("peers")["peers"]}
+        remote = peers[b.peer_id]["remote"]
+        host = remote.split("://")[1].rsplit(":", 1)[0]
+        assert ipaddress.ip_address(host) in ipaddress.ip_network(lab.router("ra").lan_subnet), (
+            remote
+        )
+        assert peers[b.peer_id]["path"] == "punched"
+
+
+def test_external_quic_address_is_learnt_and_reported(
+    lab_factory: LabFactory, tmp_path: Path
+) -> None:
+    lab = lab_factory(pair_spec("port-restricted", "full-cone"))
+    plab = PunchLab(lab, tmp_path)
+    with plab.pair("quic") as (a, _b):
+        ev = a.expect("external_address_changed")
+        wan = lab.router("ra").wan_address
+        assert ev["endpoint"].startswith(f"quic://{wan}:")
+        a.command(cmd="endpoints")
+        eps = a.expect("endpoints")
+        assert eps["endpoints"][0]["external"] == ev["endpoint"]
+        assert any(c.startswith(ev["endpoint"] + "#") for c in eps["contacts"])
