@@ -108,6 +108,20 @@ def parse(data: bytes | memoryview) -> PunchDatagram:
     return PunchDatagram(kind, token, (host, port))
 
 
+_LAN_NETS = tuple(
+    ipaddress.ip_network(n)
+    for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7")
+)
+
+
+def is_lan(host: str) -> bool:
+    """A private (RFC 1918 / RFC 6598 shared / ULA) or loopback address: never behind a NAT's
+    public side.  (Not ``ipaddress.is_private``, which also counts documentation and
+    benchmarking ranges.)"""
+    ip = ipaddress.ip_address(host)
+    return ip.is_loopback or ip.is_link_local or any(ip in net for net in _LAN_NETS)
+
+
 def shared_token(a: bytes, b: bytes) -> bytes:
     """The token both sides put in their probes: derived from both sides' nonces, so each
     side knows the other's probes belong to this very punch."""
@@ -299,7 +313,7 @@ class PunchPlan:
         if self.round(now) >= 3:
             span = self.params.prediction_span
             for host, port in self.quic:
-                if ipaddress.ip_address(host).is_private:
+                if is_lan(host):
                     continue
                 for delta in range(1, span + 1):
                     for p in (port + delta, port - delta):
