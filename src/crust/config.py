@@ -101,7 +101,7 @@ class Config:
         """A config that never touches the real network: loopback listeners, no beacon,
         no port mapping, no cache file, fast heartbeats."""
         base: dict[str, Any] = {
-            "listen": ("tcp://127.0.0.1:0",),
+            "listen": ("tcp://127.0.0.1:0", "quic://127.0.0.1:0"),
             "service_discovery": False,
             "port_mapping": False,
             "bootstrap_cache": None,

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
-from tests.nodeproc import CLI, NodeProcess, cli_env
 
 import crust
+from tests.nodeproc import CLI, NodeProcess, cli_env
 
 Spawn = Callable[..., NodeProcess]
 
@@ -74,13 +74,25 @@ def test_ready_line_lists_dialable_loopback_contacts(spawn: Spawn) -> None:
     a = spawn()
     assert len(a.peer_id) == 52
     assert crust.PeerId.parse(a.peer_id)
-    assert a.ready["contacts"]
-    for contact in a.ready["contacts"]:
-        assert contact.startswith("tcp://127.0.0.1:")
+    contacts = a.ready["contacts"]
+    assert [c.split("://")[0] for c in contacts] == ["tcp", "quic"]  # --testing listens on both
+    for contact in contacts:
+        assert contact.split("://")[1].startswith("127.0.0.1:")
         assert contact.endswith("#" + a.peer_id)
         assert "0.0.0.0" not in contact
-    started = a.expect("listener_started")
-    assert a.contact.startswith(started["endpoint"] + "#")
+    started = {a.expect("listener_started")["endpoint"] for _ in contacts}
+    assert {c.partition("#")[0] for c in contacts} == started
+
+
+def test_node_listens_on_quic_only_and_connects_over_it(spawn: Spawn) -> None:
+    a = spawn("--listen", "quic://127.0.0.1:0")
+    b = spawn("--listen", "quic://127.0.0.1:0")
+    assert a.contact.startswith("quic://127.0.0.1:")
+    a.command(cmd="connect", to=b.contact, id="q")
+    assert a.expect("connected", id="q")["peer"] == b.peer_id
+    assert a.expect("peer_connected", peer=b.peer_id)["transport"] == "quic"
+    a.command(cmd="send", peer=b.peer_id, data="over quic")
+    assert b.expect("message_received", peer=a.peer_id)["data"] == "over quic"
 
 
 def test_connect_send_peers_quit(spawn: Spawn) -> None:
