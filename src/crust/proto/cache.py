@@ -288,7 +288,7 @@ def _entry_obj(entry: CacheEntry) -> dict[str, Any]:
     return {
         "peer": str(entry.peer),
         "contacts": list(entry.contacts),
-        "last_seen": round(entry.last_seen, 3),
+        "last_seen": entry.last_seen,
         "failures": entry.failures,
     }
 
