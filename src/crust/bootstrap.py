@@ -90,7 +90,7 @@ class Bootstrapper:
 
     async def aclose(self) -> None:
         """Write what is still pending (bounded in time)."""
-        if self.store is not None and self.store.dirty:
+        if self.store is not None:
             try:
                 async with asyncio.timeout(CLOSE_FLUSH_TIMEOUT):
                     await self.store.flush()
@@ -153,8 +153,8 @@ class Bootstrapper:
         return peer
 
     async def _flush(self) -> None:
-        if self.store is not None and self.store.dirty:
-            await self.store.flush()
+        if self.store is not None:
+            await self.store.flush()  # also waits for a save in progress
 
     async def _race(self, attempts: list[Attempt]) -> PeerId:
         if not attempts:

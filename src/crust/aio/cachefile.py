@@ -259,8 +259,9 @@ class CacheStore:
             self._view = fresh
 
     async def flush(self) -> bool:
-        """Write the pending updates (merged with what other writers saved). Returns False,
-        after logging, when the file cannot be written; the updates then stay pending."""
+        """Write the pending updates (merged with what other writers saved); with nothing
+        pending, wait for a save in progress. Returns False, after logging, when the file
+        cannot be written; the updates then stay pending."""
         async with self._lock:
             if not self._pending:
                 return True
