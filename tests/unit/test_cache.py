@@ -653,3 +653,24 @@ def test_concurrent_writer_processes_lose_nothing(cache_path: Path) -> None:
         for i in range(writes)
     }
     assert set(peers(on_disk)) == expected
+
+
+# =========================================================================== configuration
+
+
+def test_cache_configuration(tmp_path: Path) -> None:
+    from crust.config import Config, default_cache_path
+
+    assert Config().bootstrap_cache == default_cache_path()
+    assert default_cache_path().name == "bootstrap_cache.json"
+    assert Config.for_testing().bootstrap_cache is None
+    toml = tmp_path / "c.toml"
+    toml.write_text("bootstrap_cache = false\n")  # TOML has no null: false disables it
+    assert Config.load(toml).bootstrap_cache is None
+    toml.write_text(f"bootstrap_cache = '{tmp_path / 'x.json'}'\nbootstrap_cache_size = 5\n")
+    cfg = Config.load(toml)
+    assert (cfg.bootstrap_cache, cfg.bootstrap_cache_size) == (tmp_path / "x.json", 5)
+    for bad in (True, "", 3):
+        with pytest.raises(errors.ConfigError) as info:
+            Config.for_testing(bootstrap_cache=bad)
+        assert info.value.field == "bootstrap_cache"
