@@ -13,7 +13,7 @@ import pytest
 import crust
 from crust import errors
 from crust.aio.cachefile import CacheFile
-from crust.bootstrap import Bootstrapper, node_is_gone
+from crust.bootstrap import Bootstrapper, Connect, node_is_gone
 from crust.events import BootstrapConnected, BootstrapFailed, Event, PeerConnected
 from crust.identity import Identity, PeerId
 from crust.proto.cache import BootstrapCache, CacheEntry, Reached
@@ -52,8 +52,7 @@ class Silent:
 
     def __init__(self) -> None:
         self.contacts: list[str] = []
-        self.open = 0
-        self.most_open = 0
+        self.accepted = 0
         self.servers: list[asyncio.Server] = []
 
     async def add(self, n: int) -> list[str]:
@@ -64,12 +63,10 @@ class Silent:
         return self.contacts[-n:]
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.open += 1
-        self.most_open = max(self.most_open, self.open)
+        self.accepted += 1
         try:
             await reader.read()  # until the dialer gives up
         finally:
-            self.open -= 1
             writer.close()
 
 
@@ -373,11 +370,26 @@ async def test_bounded_parallelism_against_real_silent_listeners(
 ) -> None:
     targets = tuple(await silent.add(12))
     b, _ = await make(hard_coded_contacts=targets, handshake_timeout=0.3)
+    # count the service's connect() calls in flight (counting at the listeners would race:
+    # a timed-out attempt's close and the next attempt's connect arrive in either order)
+    real_connect: Connect = b._bootstrapper._connect
+    flight = [0, 0]
+
+    async def counting(target: str | PeerId | Sequence[str]) -> PeerId:
+        flight[0] += 1
+        flight[1] = max(flight)
+        try:
+            return await real_connect(target)
+        finally:
+            flight[0] -= 1
+
+    b._bootstrapper._connect = counting
     with pytest.raises(errors.BootstrapFailed) as info:
         await b.bootstrap()
     assert sorted(c for c, _ in info.value.attempts) == sorted(targets)
     assert all(isinstance(e, TimeoutError) for e in info.value.errors)
-    assert silent.most_open == 8
+    assert flight == [0, 8]
+    assert silent.accepted == 12  # every attempt really reached its listener
 
 
 async def test_bootstrap_needs_a_running_service() -> None:
