@@ -4,9 +4,13 @@ The writers are forked from this process, which is single-threaded and has crust
 already, so starting one costs a fork rather than an interpreter start.
 
 ``kill PATH ROUNDS SEED``
+    First five timed updates of its own (``ack -1 PEER``) give the machine's save time T
+    (their median).
     Each round forks a writer that adds one new peer per cache update, forever, printing
-    ``ack ROUND PEER`` after each update returned. After a random time (0-40 ms: the moment
-    of the kill is the point of the test) the writer is killed with SIGKILL and reaped, and
+    ``ack ROUND PEER`` after each update returned. After a random time between 0 and 6 T
+    (the moment of the kill is the point of the test; scaled to T so that slow and fast disks
+    alike see kills before, during and between saves) the writer is killed with SIGKILL and
+    reaped, and
     ``killed ROUND SIGNAL TMP_LEFT`` is printed (TMP_LEFT: 1 when the kill interrupted a
     write and left the temp file behind). The next round starts when a line arrives on stdin.
 ``concurrent PATH WRITERS WRITES``
@@ -53,6 +57,13 @@ def add(cache: CacheFile, writer: int, index: int) -> None:
 def kill_rounds(path: Path, rounds: int, seed: int) -> None:
     rng = random.Random(seed)
     tmp = path.with_name(path.name + ".tmp")
+    times: list[float] = []
+    for i in range(5):
+        start = time.monotonic()
+        add(CacheFile(path, max_entries=MAX_ENTRIES), -1, i)
+        times.append(time.monotonic() - start)
+        say(f"ack -1 {peer_for(-1, i)}")
+    window = max(0.005, 6 * sorted(times)[2])
     for r in range(rounds):
         pid = os.fork()
         if pid == 0:  # the writer
@@ -67,7 +78,7 @@ def kill_rounds(path: Path, rounds: int, seed: int) -> None:
                 traceback.print_exc()
             finally:
                 os._exit(1)
-        time.sleep(rng.uniform(0.0, 0.04))  # the random moment of the kill
+        time.sleep(rng.uniform(0.0, window))  # the random moment of the kill
         os.kill(pid, signal.SIGKILL)
         _, status = os.waitpid(pid, 0)
         sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0

@@ -595,9 +595,10 @@ def _lines(proc: subprocess.Popen[str]) -> Iterator[list[str]]:
 def test_writers_killed_mid_write_never_corrupt_the_file(cache_path: Path) -> None:
     """50 writers, each SIGKILLed at a random moment while it saves as fast as it can: after
     every kill the file parses and holds every update a writer finished."""
+    # (cache_writer.py scales the random moments to this machine's time for one save)
     rounds = 50
     acked: set[str] = set()
-    kills = mid_write = 0
+    kills = mid_write = killed_writers_saves = 0
     with subprocess.Popen(
         [sys.executable, str(WRITER), "kill", str(cache_path), str(rounds), "7"],
         stdin=subprocess.PIPE,
@@ -608,6 +609,7 @@ def test_writers_killed_mid_write_never_corrupt_the_file(cache_path: Path) -> No
         for words in _lines(proc):
             if words[0] == "ack":
                 acked.add(words[2])
+                killed_writers_saves += words[1] != "-1"
             elif words[0] == "killed":
                 kills += 1
                 assert words[2] == "9"  # it was alive until the SIGKILL
@@ -616,21 +618,21 @@ def test_writers_killed_mid_write_never_corrupt_the_file(cache_path: Path) -> No
                     on_disk = BootstrapCache.from_bytes(cache_path.read_bytes(), max_entries=10**5)
                     assert acked <= {str(p) for p in peers(on_disk)}
                 else:
-                    assert not acked
+                    pytest.fail("the calibration save made the file: it cannot vanish")
                 proc.stdin.write("next\n")
                 proc.stdin.flush()
             else:
                 assert words == ["done"]
     assert proc.returncode == 0
     assert kills == rounds
-    assert len(acked) >= rounds // 2  # the writers did get to write
+    assert killed_writers_saves >= 10  # the writers did get to save between kills
     # some kills landed between creating the temp file and renaming it (here typically a
     # third of them); that none did in 50 would mean the test is not testing anything
     assert mid_write >= 1
     # the next writer cleans up a temp file a killed one left behind
     CacheFile(cache_path, max_entries=10**5).update([])
     assert not cache_path.with_name(cache_path.name + ".tmp").exists()
-    print(f"{kills} kills, {mid_write} interrupted a write, {len(acked)} saves acknowledged")
+    print(f"{kills} kills, {mid_write} mid-write, {killed_writers_saves} saves by killed writers")
 
 
 @pytest.mark.timeout(60)
