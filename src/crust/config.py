@@ -186,6 +186,13 @@ def _path_or_none(name: str, v: Any) -> Path | None:
     raise ConfigError(f"must be a file path or None, not {v!r}", name)
 
 
+def _cache_path(name: str, v: Any) -> Path | None:
+    """Like a path, but ``false`` also disables the cache (TOML has no null)."""
+    if v is False:
+        return None
+    return _path_or_none(name, v)
+
+
 def _str_tuple(name: str, v: Any) -> tuple[str, ...]:
     if isinstance(v, str) or not isinstance(v, list | tuple):
         raise ConfigError("must be a list of strings", name)
@@ -247,7 +254,7 @@ _CHECKS: dict[str, Any] = {
     "network_name": _network_name,
     "listen": _listen,
     "hard_coded_contacts": _contacts,
-    "bootstrap_cache": _path_or_none,
+    "bootstrap_cache": _cache_path,
     "bootstrap_cache_size": _int_range(0, 100_000),
     "service_discovery": _bool,
     "service_discovery_port": _int_range(1, 65535),

@@ -88,11 +88,16 @@ class MessageTooLarge(CrustError, ValueError):
 
 
 class BootstrapFailed(CrustError):
-    """No bootstrap contact could be reached; ``errors`` holds every attempt's error."""
+    """No bootstrap contact could be reached.
 
-    def __init__(self, message: str, errors: Sequence[BaseException] = ()) -> None:
+    ``attempts`` holds every attempt as ``(contact, error)`` (a cached node's contacts are
+    joined by commas); ``errors`` holds the errors alone, in the same order.
+    """
+
+    def __init__(self, message: str, attempts: Sequence[tuple[str, BaseException]] = ()) -> None:
         super().__init__(message)
-        self.errors: tuple[BaseException, ...] = tuple(errors)
+        self.attempts: tuple[tuple[str, BaseException], ...] = tuple(attempts)
+        self.errors: tuple[BaseException, ...] = tuple(e for _, e in self.attempts)
 
 
 class PortMappingError(CrustError):

@@ -16,6 +16,7 @@ from crust.aio.eventqueue import EventQueue, EventStream
 from crust.aio.quic import QuicLink, QuicSettings
 from crust.aio.tcp import TcpProtocol, sock_contact
 from crust.aio.udp_mux import Address, UdpMux
+from crust.bootstrap import Bootstrapper
 from crust.config import Config, parse_acl_entry
 from crust.contact import Contact, expand_wildcard
 from crust.events import (
@@ -130,6 +131,9 @@ class Service:
         self._traversal: Traversal | None = None
         self._tg: asyncio.TaskGroup | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._bootstrapper = Bootstrapper(
+            cfg, self.peer_id, connect=self.connect, emit=self._emit, spawn=self._spawn
+        )
         self._running = False
         self._closed = False
 
@@ -156,6 +160,7 @@ class Service:
             else:
                 self._listen_quic(contact)
         self._params.hello_extra["contacts"] = self.contacts()[:MAX_CONTACTS_PER_PEER]
+        await self._bootstrapper.start()
 
     async def aclose(self) -> None:
         """Close every connection (cleanly, briefly), every listener and every task."""
@@ -184,6 +189,7 @@ class Service:
                 await asyncio.wait_for(server.wait_closed(), 1.0)
         for mux in [*self._muxes, *self._client_muxes.values()]:
             mux.close()
+        await self._bootstrapper.aclose()
         for task in list(self._tasks):
             task.cancel()
         if self._tg is not None:
@@ -387,6 +393,14 @@ class Service:
         return out
 
     # ================================================================= connecting
+
+    async def bootstrap(self) -> PeerId:
+        """Reach the network: the bootstrap cache's nodes (newest first), then the
+        hard-coded contacts, several at a time. Returns the first node reached (its
+        connection stays up) and emits ``BootstrapConnected``; else emits ``BootstrapFailed``
+        and raises :class:`crust.errors.BootstrapFailed` listing every attempt's error."""
+        self._check_running()
+        return await self._bootstrapper.run()
 
     async def connect(self, target: str | PeerId | Sequence[str]) -> PeerId:
         """Connect to a contact, to several contacts of one peer (raced), or to a peer id.
@@ -875,6 +889,7 @@ class Service:
             c.connects_inbound += 1
         c.by_path[conn.path] = c.by_path.get(conn.path, 0) + 1
         self._emit(PeerConnected(peer, conn.transport_name, conn.path, conn.outbound, conn.remote))
+        self._bootstrapper.connection_kept(peer, conn.remote, conn.path, conn.outbound)
         fut = self._ready.get(conn)
         if fut is not None and not fut.done():
             fut.set_result(peer)

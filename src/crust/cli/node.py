@@ -21,7 +21,6 @@ from typing import Any, TextIO
 from rich.console import Console
 
 from crust import errors
-from crust.cli.bootstrap import bootstrap, native_bootstrap
 from crust.cli.protocol import (
     BadCommand,
     JsonObject,
@@ -38,8 +37,6 @@ from crust.cli.protocol import (
 from crust.cli.render import render
 from crust.config import Config
 from crust.contact import Contact
-from crust.events import BootstrapConnected
-from crust.events import BootstrapFailed as BootstrapFailedEvent
 from crust.identity import Identity, PeerId
 from crust.service import Service
 
@@ -245,17 +242,10 @@ class Node:
     # ------------------------------------------------------------ commands
 
     async def _bootstrap(self, cmd: JsonObject) -> JsonObject | None:
-        native = native_bootstrap(self.svc)
-        if native is not None:
-            # the library reports bootstrap_connected / bootstrap_failed as events itself
-            with contextlib.suppress(errors.BootstrapFailed):
-                await native()
-            return None
-        try:
-            peer = await bootstrap(self.svc)
-        except errors.BootstrapFailed as exc:
-            return encode_event(BootstrapFailedEvent(exc))
-        return encode_event(BootstrapConnected(peer))
+        # the service reports bootstrap_connected / bootstrap_failed as events itself
+        with contextlib.suppress(errors.BootstrapFailed):
+            await self.svc.bootstrap()
+        return None
 
     async def _connect(self, cmd: JsonObject) -> JsonObject | None:
         target: str | PeerId | list[str]

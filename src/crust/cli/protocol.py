@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from crust.errors import ConfigError, InvalidArgument
+from crust.errors import BootstrapFailed, ConfigError, InvalidArgument
 from crust.events import Event
 from crust.identity import PeerId
 
@@ -48,6 +48,9 @@ def error_fields(exc: BaseException) -> JsonObject:
             for e in nested
             if isinstance(e, BaseException)
         ]
+    if isinstance(exc, BootstrapFailed) and exc.attempts:
+        for entry, (contact, _) in zip(out["errors"], exc.attempts, strict=True):
+            entry["contact"] = contact
     return out
 
 
