@@ -44,6 +44,7 @@ from crust.proto.session import (
     SessionParams,
     State,
 )
+from crust.relay import Relay
 from crust.traversal import Traversal
 from crust.types import ConnectionDetails, EndpointPair, Statistics
 
@@ -129,6 +130,7 @@ class Service:
         for item in cfg.whitelist:
             self._add_acl(item, self._white_peers, self._white_nets, "whitelist")
         self._traversal: Traversal | None = None
+        self._relay: Relay | None = None
         self._tg: asyncio.TaskGroup | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._bootstrapper = Bootstrapper(
@@ -153,6 +155,7 @@ class Service:
         await self._tg.__aenter__()
         self._running = True
         self._traversal = Traversal(self)
+        self._relay = Relay(self)
         for text in self.config.listen:
             contact = Contact.parse(text, field="listen")
             if contact.scheme == "tcp":
@@ -172,6 +175,8 @@ class Service:
             server.close()
         if self._traversal is not None:
             self._traversal.close()
+        if self._relay is not None:
+            self._relay.close()
         conns = list(self._conns)
         for conn in conns:
             conn.close(CloseCode.SHUTDOWN, "service closing")
@@ -482,13 +487,29 @@ class Service:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending)
-        if not errs:
-            raise errors.ConnectError(f"no known contact for peer {peer} (hole_punching is off)")
+        try:
+            return await self._relayed(peer)
+        except errors.ConnectError as exc:
+            errs.append(exc)
         if len(errs) == 1:
             raise errs[0]
         if any(isinstance(e, errors.HolePunchFailed) for e in errs):
             raise errors.HolePunchFailed(f"cannot reach {peer}", errs)
         raise errors.ConnectError(f"cannot reach {peer}", errs)
+
+    async def _relayed(self, peer: PeerId) -> PeerId:
+        """The last resort: a circuit through a connected node (up to 3 are asked)."""
+        assert self._relay is not None
+        nodes = [c for p, c in list(self._active.items()) if p != peer and not c.closed]
+        if not nodes:
+            raise errors.ConnectError(f"no known contact for {peer} and no connected node to ask")
+        errs: list[BaseException] = []
+        for node in nodes[:3]:
+            try:
+                return await self._relay.connect_via(node, peer)
+            except errors.CrustError as exc:
+                errs.append(exc)
+        raise errors.ConnectError(f"no relay to {peer}", errs)
 
     async def _race(self, contacts: list[Contact]) -> PeerId:
         """Happy Eyeballs: start attempts staggered (IPv6 first, families interleaved; TCP
@@ -800,7 +821,11 @@ class Service:
             self._on_control(conn, event)
 
     def _on_control(self, conn: Connection, event: ControlReceived) -> None:
-        if self._traversal is not None and conn.policy_ok:
+        if not conn.policy_ok:
+            return
+        if self._relay is not None and self._relay.handle_control(conn, event.payload):
+            return
+        if self._traversal is not None:
             self._traversal.handle_control(conn, event.payload)
 
     def _on_handshake(self, conn: Connection, event: HandshakeCompleted) -> None:
@@ -925,6 +950,8 @@ class Service:
             fut.exception()  # retrieved: the attempt may already be cancelled
 
     def _on_conn_closed(self, conn: Connection) -> None:
+        if self._relay is not None:
+            self._relay.connection_closed(conn)
         self._conns.discard(conn)
         self._replaced.discard(conn)
         self._counters.absorb(conn.session)
@@ -1127,7 +1154,10 @@ class Service:
             "introductions_forwarded",
             "introductions_refused",
         )
-        return {name: t[name] for name in names}
+        out = {name: t[name] for name in names}
+        if self._relay is not None:
+            out.update(self._relay.counters)
+        return out
 
 
 # --------------------------------------------------------------------------- helpers

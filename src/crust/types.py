@@ -58,3 +58,8 @@ class Statistics:
     introductions_forwarded: int = 0
     introductions_refused: int = 0
     """Introductions we refused to forward (not connected, rate limited) or to take part in."""
+    relay_circuits: int = 0
+    """Circuits we relayed for others (accepted by both ends)."""
+    relay_bytes: int = 0
+    relay_refused: int = 0
+    """Circuits refused or cut (limits, unknown peers, malformed traffic)."""

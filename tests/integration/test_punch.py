@@ -11,7 +11,13 @@ import pytest
 
 import crust
 from crust import errors
-from crust.events import ConnectFailed, ExternalAddressChanged, MessageReceived, PeerConnected
+from crust.events import (
+    ConnectFailed,
+    ExternalAddressChanged,
+    MessageReceived,
+    PeerConnected,
+    PeerLost,
+)
 from crust.proto.punch import PublicConnectionInfo
 
 TCP = ("tcp://127.0.0.1:0",)
@@ -69,21 +75,53 @@ async def test_node_refuses_to_introduce_a_peer_it_is_not_connected_to(
     assert node.statistics().introductions_refused == 1
 
 
-async def test_introduced_peer_with_hole_punching_off_refuses(make: Callable[..., Any]) -> None:
+async def test_when_no_punch_is_possible_the_node_relays(make: Callable[..., Any]) -> None:
     node, wn = await make(listen=BOTH)
+    a, wa = await make(listen=BOTH)
+    b, wb = await make(listen=BOTH, hole_punching=False)  # b refuses introductions
+    await a.connect(node.contacts())
+    await b.connect(node.contacts())
+    await wn.count(PeerConnected, 2)
+    assert await a.connect(b.peer_id) == b.peer_id
+    ev = await wa.wait(PeerConnected, lambda e: e.peer == b.peer_id)
+    assert ev.path == "relayed" and ev.outbound
+    evb = await wb.wait(PeerConnected, lambda e: e.peer == a.peer_id)
+    assert evb.path == "relayed" and not evb.outbound
+    big = bytes(range(256)) * 4096  # 1 MiB: many chunks, flow-control windows
+    await a.send(b.peer_id, big)
+    await a.send(b.peer_id, b"after the big one")
+    await b.send(a.peer_id, b"back through the relay")
+    got = await wb.messages(2)
+    assert [m.data for m in got] == [big, b"after the big one"]
+    assert (await wa.wait(MessageReceived)).data == b"back through the relay"
+    st = node.statistics()
+    assert st.relay_circuits == 1 and st.relay_bytes > len(big)
+    # the node saw only ciphertext: the plaintext never appears in what it forwarded
+    assert b.connection(a.peer_id).path == "relayed"
+    # losing the relay ends the relayed connection on both sides
+    await node.aclose()
+    await wa.wait(PeerLost, lambda e: e.peer == b.peer_id)
+    await wb.wait(PeerLost, lambda e: e.peer == a.peer_id)
+
+
+async def test_no_punch_and_no_relay_fails_with_every_reason(make: Callable[..., Any]) -> None:
+    node, wn = await make(listen=BOTH, relay=False)
     a, _ = await make(listen=BOTH)
     b, _ = await make(listen=BOTH, hole_punching=False)
     await a.connect(node.contacts())
     await b.connect(node.contacts())
     await wn.count(PeerConnected, 2)
-    with pytest.raises(errors.HolePunchFailed, match="hole punching disabled"):
+    with pytest.raises(errors.HolePunchFailed) as info:
         await a.connect(b.peer_id)
+    assert "hole punching disabled" in str(info.value)
+    assert "relaying is disabled" in str(info.value)
     assert not a.is_connected(b.peer_id)
+    assert node.statistics().relay_refused == 1
 
 
 async def test_hole_punching_off_with_no_contact_fails_fast(make: Callable[..., Any]) -> None:
     a, _ = await make(listen=BOTH, hole_punching=False)
-    with pytest.raises(errors.ConnectError, match="hole_punching is off"):
+    with pytest.raises(errors.ConnectError, match="no connected node"):
         await a.connect(crust.Identity.generate().peer_id)
 
 

@@ -33,7 +33,8 @@ class RelayLimits:
     """Bytes one circuit may carry (both directions together)."""
     max_seconds: float = 3600.0
     rate: float = 4 * 1024 * 1024
-    """Bytes per second per circuit (token bucket, bursts of one window)."""
+    """Bytes per second per circuit (token bucket, bursts of one window), enforced by
+    holding back credit."""
     window: int = 256 * 1024
     """Unacknowledged bytes per direction."""
 
@@ -93,7 +94,9 @@ class RelayTable:
             raise LimitExceeded("relay: too many circuits for the target peer")
         b_cid = self._next
         self._next = self._next % (2**31 - 1) + 1
-        circuit = Circuit(_Side(a_key, a_cid), _Side(b_key, b_cid), now, tokens=lim.window, stamp=now)
+        circuit = Circuit(
+            _Side(a_key, a_cid), _Side(b_key, b_cid), now, tokens=lim.window, stamp=now
+        )
         self._by_end[(a_key, a_cid)] = circuit
         self._by_end[(b_key, b_cid)] = circuit
         return b_cid
@@ -121,18 +124,17 @@ class RelayTable:
             raise LimitExceeded("relay: circuit byte limit reached")
         if now - circuit.opened > lim.max_seconds:
             raise LimitExceeded("relay: circuit lifetime reached")
-        circuit.tokens = min(lim.window, circuit.tokens + (now - circuit.stamp) * lim.rate)
-        circuit.stamp = now
-        if circuit.tokens < size:
-            raise LimitExceeded("relay: circuit bandwidth exceeded")
-        circuit.tokens -= size
         side.inflight += size
         circuit.carried += size
         other = circuit.other(key)
         return other.key, other.cid
 
-    def route_credit(self, key: Hashable, cid: int, size: int) -> tuple[Hashable, int]:
-        """``size`` bytes consumed by this end: credit for the other end."""
+    def route_credit(
+        self, key: Hashable, cid: int, size: int, now: float
+    ) -> tuple[Hashable, int, float]:
+        """``size`` bytes consumed by this end: credit for the other end, and how long to
+        hold it back first.  The bandwidth limit works by delaying credit: an end can never
+        have more than a window in flight, so holding credit paces it (nothing is dropped)."""
         circuit = self._by_end.get((key, cid))
         if circuit is None or not circuit.accepted:
             raise ProtocolError("credit for an unknown circuit")
@@ -140,7 +142,12 @@ class RelayTable:
         if not isinstance(size, int) or size < 0 or size > other.inflight:
             raise ProtocolError("bad relay credit")
         other.inflight -= size
-        return other.key, other.cid
+        lim = self.limits
+        circuit.tokens = min(lim.window, circuit.tokens + (now - circuit.stamp) * lim.rate)
+        circuit.stamp = now
+        circuit.tokens -= size
+        delay = -circuit.tokens / lim.rate if circuit.tokens < 0 else 0.0
+        return other.key, other.cid, delay
 
     def close(self, key: Hashable, cid: int) -> tuple[Hashable, int] | None:
         """One end closed (or refused) the circuit: the other end to tell, if any."""
