@@ -313,3 +313,18 @@ async def test_nat_prober_reports_unreachable_servers(black_hole: socket.socket)
         NatProber()
     with pytest.raises(ConfigError, match="timeout"):
         NatProber(server=("127.0.0.1", 1), timeout=0)
+
+
+async def test_mux_dispatcher_does_not_keep_the_mux_alive() -> None:
+    import gc
+    import weakref
+
+    mux = UdpMux.bind("127.0.0.1", 0, acceptor=None)
+    d = StunDispatcher.for_mux(mux)
+    ref = weakref.ref(mux)
+    mux.close()
+    with pytest.raises(ServiceClosed):
+        StunDispatcher.for_mux(mux)
+    del mux, d
+    gc.collect()
+    assert ref() is None

@@ -149,12 +149,29 @@ class StunDispatcher:
     @classmethod
     def for_mux(cls, mux: UdpMux) -> StunDispatcher:
         """The dispatcher of crust's QUIC socket ``mux`` (created on first use)."""
+        if mux.closed:
+            raise ServiceClosed("the UDP socket is closed")
         existing = _by_mux.get(mux)
         if existing is not None and not existing.closed:
             return existing
-        d = cls(mux.sendto, local_address=mux.local_address)
+        # The dispatcher refers to the mux only weakly: the mux (through its handler list)
+        # keeps the dispatcher alive, never the other way round.
+        ref = weakref.ref(mux)
+
+        def send(data: bytes, addr: Address) -> None:
+            m = ref()
+            if m is not None:
+                m.sendto(data, addr)
+
+        d = cls(send, local_address=mux.local_address)
         mux.add_datagram_handler(d.datagram_received)
-        d._detach = lambda: mux.remove_datagram_handler(d.datagram_received)
+
+        def detach() -> None:
+            m = ref()
+            if m is not None:
+                m.remove_datagram_handler(d.datagram_received)
+
+        d._detach = detach
         _by_mux[mux] = d
         return d
 
