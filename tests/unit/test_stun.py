@@ -724,3 +724,29 @@ def test_stun_errors_are_crust_errors() -> None:
     assert issubclass(StunErrorResponse, ProtocolError)
     assert issubclass(StunTimeout, TimeoutError)
     assert issubclass(StunTimeout, CrustError)
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=1400) | mutated())
+def test_dispatcher_never_raises_on_received_datagrams(data: bytes) -> None:
+    """The asyncio dispatcher (no socket: a send function) swallows anything a remote sends."""
+    import asyncio
+
+    from crust.aio.stun import StunDispatcher
+
+    sent: list[tuple[bytes, Address]] = []
+
+    async def feed() -> bool:
+        d = StunDispatcher(
+            lambda b, a: sent.append((b, a)), local_address=P1, responder=StunResponder()
+        )
+        try:
+            return d.datagram_received(data, CLIENT)
+        finally:
+            d.close()
+
+    claimed = asyncio.run(feed())
+    assert claimed == stun.is_stun(data)
+    for reply, dest in sent:
+        assert dest[0] == CLIENT[0]
+        assert stun.parse(reply).transaction_id == data[8:20]
