@@ -160,8 +160,8 @@ async def test_ipv6_loopback(server: StunServer) -> None:
 async def test_timeout_retransmits_then_raises(black_hole: socket.socket) -> None:
     async with StunDispatcher.open("127.0.0.1") as d:
         with pytest.raises(StunTimeout, match="no STUN response"):
-            await d.binding(addr_of(black_hole), timeout=0.5, rto=0.05)
-        # 0, .05, .15, .35 s: four transmissions before the caller's deadline
+            await d.binding(addr_of(black_hole), timeout=1.0, rto=0.1)
+        # 0, .1, .3, .7 s: four transmissions before the caller's deadline (the next is at 1.5)
         black_hole.setblocking(False)
         seen = 0
         while True:
