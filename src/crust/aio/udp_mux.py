@@ -7,8 +7,9 @@ preallocated buffer) and routes each one by its QUIC destination connection id:
 * short header -> the fixed-length DCID we chose for ourselves (:data:`CID_LENGTH`);
 * an Initial for an unknown DCID -> a new *server* connection, after stateless Retry
   (address validation: a spoofed source never gets connection state);
-* first byte without the QUIC "fixed bit" (0x40) -> :attr:`UdpMux.on_other_datagram`
-  (STUN / hole punching later);
+* first byte without the QUIC "fixed bit" (0x40) -> the handlers added with
+  :meth:`UdpMux.add_datagram_handler` (STUN, hole punching), in order, until one claims it;
+  then :attr:`UdpMux.on_other_datagram`;
 * anything else is dropped and counted in :attr:`UdpMux.stats`. Nothing a remote sends can
   raise out of the read callback.
 """
@@ -143,6 +144,7 @@ class UdpMux:
         self.max_pending_handshakes = max_pending_handshakes
         self.retry = retry
         self.on_other_datagram: Callable[[bytes, Address], None] | None = None
+        self._datagram_handlers: list[Callable[[bytes, Address], bool]] = []
         self.stats: dict[str, int] = dict.fromkeys(STAT_NAMES, 0)
         self._routes: dict[bytes, MuxClient] = {}
         self._clients: dict[MuxClient, set[bytes]] = {}
@@ -218,6 +220,14 @@ class UdpMux:
     def closed(self) -> bool:
         return self._closed
 
+    def add_datagram_handler(self, handler: Callable[[bytes, Address], bool]) -> None:
+        """Offer every non-QUIC datagram to ``handler`` first; it returns True to claim it."""
+        self._datagram_handlers.append(handler)
+
+    def remove_datagram_handler(self, handler: Callable[[bytes, Address], bool]) -> None:
+        with contextlib.suppress(ValueError):
+            self._datagram_handlers.remove(handler)
+
     # ------------------------------------------------------------ I/O
 
     def sendto(self, data: bytes, addr: Address) -> None:
@@ -269,9 +279,13 @@ class UdpMux:
         first = view[0]
         if not is_quic(first):
             self.stats["other_datagrams"] += 1
+            data = bytes(view)
+            for handler in self._datagram_handlers:
+                if handler(data, addr):
+                    return None
             hook = self.on_other_datagram
             if hook is not None:
-                hook(bytes(view), addr)
+                hook(data, addr)
             return None
         dcid = parse_dcid(view)
         if dcid is None:
