@@ -1340,7 +1340,9 @@ class Lab:
                 lan6 = self.router(h.router).lan_subnet6
                 assert lan6 is not None
                 prefix = lan6.prefixlen
-            cmds = [f"addr add {a}/{prefix} dev {h.iface} nodad" for a in h.addresses6]
+            # The kernel lists the newest global address first and prefers it as a source on
+            # a tie, so the primary address is added last.
+            cmds = [f"addr add {a}/{prefix} dev {h.iface} nodad" for a in reversed(h.addresses6)]
             self._batch(h.netns, [*cmds, *plan.routes6.get(h.name, [])])
 
     @property
