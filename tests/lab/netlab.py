@@ -1488,6 +1488,8 @@ class Lab:
     def reset_nat(self, routers: Sequence[str] | None = None) -> None:
         """Forget all NAT state: flush conntrack and the learnt maps in every router.
 
+        Flushing conntrack also closes every IPv6 firewall again (both families are flushed).
+
         Call between trials, otherwise the next trial inherits old mappings.
         """
         self._require_running()
@@ -1580,9 +1582,13 @@ class Lab:
                 f"  router {r.name}: {r.nat}{' +hairpin' if r.hairpin else ''} "
                 f"wan {r.wan_address} (on {up}) lan {r.lan_subnet}"
             )
+            if r.lan_subnet6 is not None:
+                lines.append(f"    ipv6 firewall: wan {r.wan_address6} lan {r.lan_subnet6}")
         for h in self._plan.hosts.values():
             where = h.router or "internet"
             lines.append(f"  host {h.name}: {', '.join(h.addresses)} (on {where})")
+            if h.addresses6:
+                lines.append(f"    ipv6: {', '.join(h.addresses6)}")
         return "\n".join(lines)
 
 

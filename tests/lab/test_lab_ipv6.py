@@ -28,6 +28,7 @@ from tests.lab.netlab import (
     HostSpec,
     Lab,
     LabSpec,
+    Netem,
     RouterSpec,
     pair_spec,
     pair_spec6,
@@ -310,6 +311,25 @@ def test_tcp_simultaneous_open_between_firewalled_hosts(world: World) -> None:
     assert ra.received == "hello from b"
     assert rb.received == "hello from a"
     print(f"\nTCP simultaneous open: attempts a={ra.attempts} b={rb.attempts}")
+
+
+def test_pair_spec6_with_netem(lab_factory: LabFactory) -> None:
+    """Delay applies to IPv6 frames too, and bulk TCP crosses the firewall and the delayed link."""
+    lab = lab_factory(pair_spec6(netem=Netem(delay_ms=20)))
+    assert set(lab.hosts) == {"pub", "a", "b"}
+    assert {r.nat for r in lab.routers.values()} == {"firewall6"}
+    pub6 = lab.address6("pub")
+    pub = Probe.start(lab, "pub")
+    echo = pub.udp_echo(pub6, ECHO_PORT)
+    a = Probe.start(lab, "a")
+    s = a.udp(addr="::")
+    assert s.query((echo.addr, echo.port)) == (lab.address6("a"), s.port)
+    rtt = min(s.query_rtt((echo.addr, echo.port)) for _ in range(3))
+    assert 0.035 <= rtt < 1.0, rtt  # 20 ms each way on a's link
+    size = 2 << 20
+    received, _ = a.tcp_bulk((pub6, pub.tcp_sink(pub6, 5000)), size)
+    assert received == size
+    assert "ipv6 firewall" in lab.describe()
 
 
 # --------------------------------------------------------------------------------------------
