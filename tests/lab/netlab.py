@@ -881,7 +881,9 @@ def _plan_ipv6(plan: _Plan) -> None:
     def lan6(router: str, addr4: str) -> str:
         r = plan.routers[router]
         offset = int(ipaddress.IPv4Address(addr4)) - int(r.lan_subnet.network_address)
-        return str(ipaddress.IPv6Address(f"2001:db8:0:{_v6_text(index[router])}::{offset}"))
+        return str(
+            ipaddress.IPv6Address(f"2001:db8:0:{_v6_text(index[router])}::{_v6_text(offset)}")
+        )
 
     def addr6(link: str | None, addr4: str) -> str:
         return public6(addr4) if link is None else lan6(link, addr4)

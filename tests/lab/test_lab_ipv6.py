@@ -140,6 +140,19 @@ def test_spec_validation6() -> None:
         _ = ipv4_only.address6
 
 
+def test_failed_ipv6_build_tears_down(monkeypatch: pytest.MonkeyPatch) -> None:
+    lab = Lab(pair_spec6())
+
+    def boom(self: Lab) -> None:
+        raise netlab.LabError("injected failure while configuring IPv6")
+
+    monkeypatch.setattr(Lab, "_build_ipv6", boom)
+    with pytest.raises(netlab.LabError, match="injected"):
+        lab.build()
+    assert len(lab.namespaces) == 6
+    assert not [ns for ns in netlab.list_namespaces() if ns.startswith(lab.prefix)]
+
+
 def test_topology6(world: World) -> None:
     lab = world.lab
     pub = lab.host("pub")
