@@ -28,6 +28,13 @@ NAT types are named by their RFC 4787 behaviour (see ``docs/lab.md``):
 ``symmetric``
     address-and-port-dependent mapping (random port per destination) and filtering.
 
+IPv6 (``LabSpec(ipv6=True)``): the internet also carries 2001:db8::/64 (inside the documentation
+prefix 2001:db8::/32) and every router LAN gets a routed /64 (``2001:db8:0:N::/64``) -- no NAT66,
+hosts have global addresses.  Every router filters IPv6 like a home router: a stateful ``ip6``
+firewall lets in only packets of flows started from inside (see :func:`nftables6_ruleset`).
+Routers of the NAT types above are then dual-stack; a router of type ``firewall6`` forwards no
+IPv4 at all (an IPv6-only uplink).  :func:`pair_spec6` builds two peers behind such routers.
+
 Every namespace name starts with :data:`RUN_PREFIX` (unique per Python process) followed by a
 per-lab id, so parallel runs never collide.  :meth:`Lab.close` (also called on build failure,
 from ``atexit`` and on SIGTERM/SIGHUP) kills every process started in the lab and deletes every
@@ -56,6 +63,9 @@ from types import FrameType, TracebackType
 from typing import IO, Any, Final, Literal, get_args
 
 __all__ = [
+    "FIREWALL6",
+    "INTERNET6_LINK",
+    "INTERNET6_NET",
     "INTERNET_NET",
     "NAT_TYPES",
     "RUN_PREFIX",
@@ -71,27 +81,52 @@ __all__ = [
     "NetemBackend",
     "Node",
     "Router",
+    "RouterKind",
     "RouterSpec",
     "cleanup_prefix",
     "coturn_argv",
     "list_namespaces",
     "missing_requirements",
+    "nftables6_ruleset",
     "nftables_ruleset",
     "pair_spec",
+    "pair_spec6",
     "start_coturn",
 ]
 
 NatType = Literal["none", "full-cone", "restricted", "port-restricted", "symmetric"]
 NAT_TYPES: Final[tuple[NatType, ...]] = get_args(NatType)
+#: A router's type: one of the IPv4 NAT types, or ``firewall6`` (IPv6 lab only): IPv6 routed
+#: through the stateful firewall and no IPv4 forwarding at all.
+RouterKind = NatType | Literal["firewall6"]
+FIREWALL6: Final = "firewall6"
 
 #: The simulated internet.  198.18.0.0/15 is reserved for benchmarking and never routed.
 INTERNET_NET: Final = ipaddress.IPv4Network("198.18.0.0/15")
+#: The simulated IPv6 internet (IPv6 labs only), inside the documentation prefix 2001:db8::/32:
+#: the internet link itself is :data:`INTERNET6_LINK`; router ``N``'s LAN is 2001:db8:0:N::/64.
+INTERNET6_NET: Final = ipaddress.IPv6Network("2001:db8::/48")
+INTERNET6_LINK: Final = ipaddress.IPv6Network("2001:db8::/64")
 
 #: Interface names inside the nodes.
 HOST_IFACE: Final = "eth0"
 WAN_IFACE: Final = "wan0"
 LAN_IFACE: Final = "lan0"
 INTERNET_BRIDGE: Final = "br0"
+
+#: Every node of an IPv6 lab: IPv6 on, static addresses only -- no duplicate address
+#: detection, no router advertisements accepted, no router solicitations sent.
+_IPV6_NODE_SYSCTLS: Final[Mapping[str, str | int]] = {
+    f"net.ipv6.conf.{scope}.{key}": value
+    for scope in ("all", "default")
+    for key, value in (
+        ("disable_ipv6", 0),
+        ("accept_dad", 0),
+        ("dad_transmits", 0),
+        ("accept_ra", 0),
+        ("router_solicitations", 0),
+    )
+}
 
 _NS_MAX_LEN: Final = 14  # keep names < 15 characters (IFNAMSIZ - 1 is 15)
 _NAME_RE: Final = re.compile(r"^[a-z][a-z0-9]*$")
@@ -301,10 +336,14 @@ class Netem:
 @dataclass(frozen=True)
 class RouterSpec:
     """A NAT router.  ``upstream`` is ``None`` (WAN on the internet) or another router's name
-    (double NAT: this router's WAN sits in that router's LAN)."""
+    (double NAT: this router's WAN sits in that router's LAN).
+
+    In an IPv6 lab every router also routes its LAN's /64 through a stateful IPv6 firewall;
+    ``nat="firewall6"`` (IPv6 labs only) is such a router that forwards no IPv4.
+    """
 
     name: str
-    nat: NatType = "port-restricted"
+    nat: RouterKind = "port-restricted"
     upstream: str | None = None
     hairpin: bool = False
     lan_subnet: str | None = None
@@ -332,6 +371,9 @@ class HostSpec:
 class LabSpec:
     routers: Sequence[RouterSpec] = ()
     hosts: Sequence[HostSpec] = ()
+    #: Also build IPv6 (dual stack): global addresses for every node, routed LAN prefixes,
+    #: stateful IPv6 firewalls in the routers.  Off: IPv6 is disabled in every namespace.
+    ipv6: bool = False
 
 
 def pair_spec(
@@ -341,9 +383,13 @@ def pair_spec(
     hairpin: bool = False,
     netem: Netem | None = None,
     udp_timeout: int | None = None,
+    ipv6: bool = False,
 ) -> LabSpec:
     """Two peers ``a`` and ``b`` behind routers ``ra``/``rb`` of the given NAT types (or public
-    for ``none``) plus a public host ``pub`` (rendezvous / STUN / relay)."""
+    for ``none``) plus a public host ``pub`` (rendezvous / STUN / relay).
+
+    ``ipv6=True`` makes it dual-stack: the routers also route IPv6 through their stateful
+    firewalls (see :func:`pair_spec6` for IPv6-only uplinks)."""
     routers: list[RouterSpec] = []
     hosts = [HostSpec("pub", extra_addresses=1)]
     for side, nat in (("a", nat_a), ("b", nat_b)):
@@ -360,7 +406,27 @@ def pair_spec(
                 )
             )
             hosts.append(HostSpec(side, router=f"r{side}", netem=netem))
-    return LabSpec(routers=routers, hosts=hosts)
+    return LabSpec(routers=routers, hosts=hosts, ipv6=ipv6)
+
+
+def pair_spec6(*, netem: Netem | None = None, udp_timeout: int | None = None) -> LabSpec:
+    """Two peers ``a`` and ``b``, each behind its own ``firewall6`` router (``ra``/``rb``):
+    global IPv6 addresses, stateful firewalls that drop unsolicited inbound, no IPv4 beyond
+    the LAN -- plus a dual-stack public host ``pub`` with two addresses per family.
+
+    Reach ``pub`` at ``lab.address6("pub")``; the peers are at ``lab.address6("a")`` /
+    ``lab.address6("b")`` from inside and outside alike (no NAT).
+    """
+    routers = [
+        RouterSpec(r, nat="firewall6", udp_timeout=udp_timeout, udp_stream_timeout=udp_timeout)
+        for r in ("ra", "rb")
+    ]
+    hosts = [
+        HostSpec("pub", extra_addresses=1),
+        HostSpec("a", router="ra", netem=netem),
+        HostSpec("b", router="rb", netem=netem),
+    ]
+    return LabSpec(routers=routers, hosts=hosts, ipv6=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -380,16 +446,27 @@ class Host(Node):
     addresses: list[str]
     gateway: str | None
     iface: str = HOST_IFACE
+    #: Global IPv6 addresses (IPv6 labs only; the same number as IPv4 addresses).
+    addresses6: list[str] = field(default_factory=list)
+    #: The IPv6 default gateway (the router's LAN address), ``None`` on the internet.
+    gateway6: str | None = None
 
     @property
     def address(self) -> str:
         """The primary IPv4 address."""
         return self.addresses[0]
 
+    @property
+    def address6(self) -> str:
+        """The primary global IPv6 address (no NAT: also what the internet sees)."""
+        if not self.addresses6:
+            raise LabError(f"host {self.name!r} has no IPv6 address (use LabSpec(ipv6=True))")
+        return self.addresses6[0]
+
 
 @dataclass
 class Router(Node):
-    nat: NatType
+    nat: RouterKind
     hairpin: bool
     upstream: str | None
     wan_address: str
@@ -399,6 +476,12 @@ class Router(Node):
     mapping_timeout: int
     wan_iface: str = WAN_IFACE
     lan_iface: str = LAN_IFACE
+    #: IPv6 labs only: WAN address, upstream router's LAN address (``None`` on the internet),
+    #: LAN address (``::1`` of the LAN prefix) and the routed LAN prefix.
+    wan_address6: str | None = None
+    wan_gateway6: str | None = None
+    lan_address6: str | None = None
+    lan_subnet6: ipaddress.IPv6Network | None = None
 
 
 @dataclass
@@ -426,8 +509,25 @@ def nftables_ruleset(router: Router) -> str:
       sender's own external mapping (or any port of the WAN address for symmetric).
     * input drops unsolicited packets from the WAN, so an early inbound packet cannot create a
       conntrack entry on the router that would steal the port masquerade wants to reuse.
+    * firewall6: no NAT and no IPv4 forwarding at all; IPv6 is :func:`nftables6_ruleset`.
     """
     wan, lan, wan_addr = router.wan_iface, router.lan_iface, router.wan_address
+    if router.nat == FIREWALL6:
+        return "\n".join(
+            [
+                "table ip crustlab {",
+                "  chain input {",
+                "    type filter hook input priority filter; policy accept;",
+                "    ct state established,related accept",
+                f'    iifname "{wan}" drop',
+                "  }",
+                "  chain forward {",
+                "    type filter hook forward priority filter; policy drop;",
+                "  }",
+                "}",
+                "",
+            ]
+        )
     learn = router.nat in ("full-cone", "restricted") or router.hairpin
     t = router.mapping_timeout
     random = " random" if router.nat == "symmetric" else ""
@@ -504,6 +604,43 @@ def nftables_ruleset(router: Router) -> str:
         "    ct state established,related accept",
         "    ct status dnat accept",
         f'    iifname "{wan}" drop',
+        "  }",
+        "}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+#: Named nftables counter of unsolicited inbound IPv6 packets a router's firewall dropped.
+FIREWALL6_DROP_COUNTER: Final = "inbound_dropped"
+
+
+def nftables6_ruleset(router: Router) -> str:
+    """The ``ip6`` ruleset of every router in an IPv6 lab: a stateful firewall, no NAT66.
+
+    Like a home router (RFC 6092 "simple security"): packets of flows started from the LAN and
+    their replies pass, as do ICMPv6 errors about such flows (``related``); everything else
+    arriving on the WAN is dropped -- unsolicited TCP, UDP, ICMPv6 echo requests, other
+    protocols.  Conntrack matches the full 5-tuple, so filtering is address-and-port-dependent:
+    after a host has sent UDP to ``(ip, port)`` only that endpoint can answer.  TCP
+    simultaneous open passes: the inbound SYN matches the outbound SYN's conntrack entry.
+    Neighbour discovery to the router itself is allowed on the WAN, nothing else that is new.
+    Dropped forwarded packets are counted in :data:`FIREWALL6_DROP_COUNTER`.
+    """
+    wan = router.wan_iface
+    lines = [
+        "table ip6 crustlab {",
+        f"  counter {FIREWALL6_DROP_COUNTER} {{",
+        "  }",
+        "  chain input {",
+        "    type filter hook input priority filter; policy accept;",
+        "    ct state established,related accept",
+        f'    iifname "{wan}" icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert }} accept',
+        f'    iifname "{wan}" drop',
+        "  }",
+        "  chain forward {",
+        "    type filter hook forward priority filter; policy accept;",
+        "    ct state established,related accept",
+        f'    iifname "{wan}" counter name {FIREWALL6_DROP_COUNTER} drop',
         "  }",
         "}",
     ]
@@ -708,6 +845,86 @@ class _Plan:
     routers: dict[str, Router] = field(default_factory=dict)
     links: list[_Link] = field(default_factory=list)
     bridges: list[str] = field(default_factory=list)
+    #: IPv6 labs: ``ip`` commands (routes) per node name, applied after the addresses.
+    routes6: dict[str, list[str]] = field(default_factory=dict)
+
+
+def _v6_text(value: int) -> str:
+    """``value`` written with decimal digits as one IPv6 group (12 -> "12", i.e. 0x12), so an
+    IPv6 address ends like its IPv4 twin."""
+    if not 0 <= value <= 9999:
+        raise ValueError(f"cannot mirror {value} into one IPv6 group")
+    return str(value)
+
+
+def _plan_ipv6(plan: _Plan) -> None:
+    """Give every node of ``plan`` IPv6 addresses mirroring its IPv4 ones, plus routes.
+
+    * internet (``2001:db8::/64``): ``198.18.T.N`` -> ``2001:db8::T:N`` (``2001:db8::N`` for T=0);
+    * LAN of the N-th router (``2001:db8:0:N::/64``): the K-th address of its IPv4 LAN ->
+      ``2001:db8:0:N::K`` (the router itself is ``::1``).
+
+    Routing is static, as a provider would do it: every node on a link gets a route to each
+    prefix behind each *other* router whose WAN is on that link (its LAN, and the LANs of the
+    routers below it), via that router's WAN address; nodes in a LAN get a default route via
+    the LAN's router.  Public nodes have no default route (like IPv4).
+    """
+    net4 = int(INTERNET_NET.network_address)
+    index = {name: n for n, name in enumerate(plan.routers, start=1)}
+
+    def public6(addr4: str) -> str:
+        offset = int(ipaddress.IPv4Address(addr4)) - net4
+        third, last = divmod(offset, 256)
+        body = f"{_v6_text(third)}:{_v6_text(last)}" if third else _v6_text(last)
+        return str(ipaddress.IPv6Address(f"{INTERNET6_LINK.network_address}{body}"))
+
+    def lan6(router: str, addr4: str) -> str:
+        r = plan.routers[router]
+        offset = int(ipaddress.IPv4Address(addr4)) - int(r.lan_subnet.network_address)
+        return str(
+            ipaddress.IPv6Address(f"2001:db8:0:{_v6_text(index[router])}::{_v6_text(offset)}")
+        )
+
+    def addr6(link: str | None, addr4: str) -> str:
+        return public6(addr4) if link is None else lan6(link, addr4)
+
+    for name, r in plan.routers.items():
+        r.lan_subnet6 = ipaddress.IPv6Network(f"2001:db8:0:{_v6_text(index[name])}::/64")
+        r.lan_address6 = lan6(name, r.lan_address)
+        r.wan_address6 = addr6(r.upstream, r.wan_address)
+        if r.upstream is not None:
+            r.wan_gateway6 = plan.routers[r.upstream].lan_address6
+    for h in plan.hosts.values():
+        h.addresses6 = [addr6(h.router, a) for a in h.addresses]
+        if h.router is not None:
+            h.gateway6 = plan.routers[h.router].lan_address6
+
+    def behind(router: str) -> list[ipaddress.IPv6Network]:
+        r = plan.routers[router]
+        assert r.lan_subnet6 is not None
+        nets = [r.lan_subnet6]
+        for child in plan.routers.values():
+            if child.upstream == router:
+                nets += behind(child.name)
+        return nets
+
+    # (node, link it is attached to (None = internet), interface, default gateway)
+    attached: list[tuple[str, str | None, str, str | None]] = []
+    for r in plan.routers.values():
+        attached.append((r.name, r.upstream, r.wan_iface, r.wan_gateway6))
+        attached.append((r.name, r.name, r.lan_iface, None))
+    for h in plan.hosts.values():
+        attached.append((h.name, h.router, h.iface, h.gateway6))
+    for node, link, iface, gateway in attached:
+        cmds = plan.routes6.setdefault(node, [])
+        for other in plan.routers.values():
+            if other.upstream == link and other.name != node:
+                cmds += [
+                    f"route add {net} via {other.wan_address6} dev {iface}"
+                    for net in behind(other.name)
+                ]
+        if gateway is not None:
+            cmds.append(f"route add ::/0 via {gateway} dev {iface}")
 
 
 class Lab:
@@ -755,7 +972,12 @@ class Lab:
             names.add(item.name)
         router_specs = {r.name: r for r in spec.routers}
         for r in spec.routers:
-            if r.nat not in NAT_TYPES or r.nat == "none":
+            if r.nat == FIREWALL6:
+                if not spec.ipv6:
+                    raise ValueError(f"router {r.name!r}: nat 'firewall6' needs LabSpec(ipv6=True)")
+                if r.hairpin:
+                    raise ValueError(f"router {r.name!r}: a firewall6 router has no NAT to hairpin")
+            elif r.nat not in NAT_TYPES or r.nat == "none":
                 raise ValueError(
                     f"router {r.name!r}: nat must be one of {NAT_TYPES[1:]} "
                     "(a host with router=None is NAT type 'none')"
@@ -881,6 +1103,8 @@ class Lab:
                 gateway=gateway,
             )
             plan.links.append(_Link(h.name, HOST_IFACE, f"p{next(port_counter)}", bridge, h.netem))
+        if spec.ipv6:
+            _plan_ipv6(plan)
         return plan
 
     # ---- lookup -------------------------------------------------------------------------
@@ -931,6 +1155,22 @@ class Lab:
         while r.upstream is not None:
             r = self.router(r.upstream)
         return r.wan_address
+
+    def address6(self, host: str | Host) -> str:
+        """The global IPv6 address of ``host`` (IPv6 labs).  There is no NAT66: the host binds
+        it, and the internet -- or a peer behind another firewall -- sees and reaches it."""
+        h = host if isinstance(host, Host) else self.host(host)
+        return h.address6
+
+    def firewall6_drops(self, router: str) -> int:
+        """How many unsolicited inbound IPv6 packets ``router``'s firewall has dropped."""
+        out = self.run(
+            router, ["nft", "list", "counter", "ip6", "crustlab", FIREWALL6_DROP_COUNTER]
+        ).stdout
+        match = re.search(r"packets (\d+)", out)
+        if match is None:
+            raise LabError(f"no packet count in {out!r}")
+        return int(match.group(1))
 
     def routers_of(self, host: str | Host) -> list[Router]:
         """The routers between ``host`` and the internet, innermost first."""
@@ -991,28 +1231,35 @@ class Lab:
 
     def _build(self) -> None:
         plan = self._plan
-        base_sysctls = {
+        no_ipv6 = {
             "net.ipv6.conf.all.disable_ipv6": 1,
             "net.ipv6.conf.default.disable_ipv6": 1,
         }
+        base_sysctls = _IPV6_NODE_SYSCTLS if self.spec.ipv6 else no_ipv6
         self._add_namespace(self.switch_ns)
-        switch_sysctls = dict(base_sysctls)
+        switch_sysctls: dict[str, str | int] = dict(no_ipv6)  # bridges need no IPv6 of their own
         if os.path.exists("/proc/sys/net/bridge/bridge-nf-call-iptables"):
             # Bridged frames in the switch must not meet any netfilter hook.
             switch_sysctls["net.bridge.bridge-nf-call-iptables"] = 0
+        if self.spec.ipv6 and os.path.exists("/proc/sys/net/bridge/bridge-nf-call-ip6tables"):
+            switch_sysctls["net.bridge.bridge-nf-call-ip6tables"] = 0
         self._sysctl(self.switch_ns, switch_sysctls)
         for node in [*plan.routers.values(), *plan.hosts.values()]:
             self._add_namespace(node.netns)
             settings: dict[str, str | int] = dict(base_sysctls)
             if isinstance(node, Router):
-                settings["net.ipv4.ip_forward"] = 1
+                settings["net.ipv4.ip_forward"] = 0 if node.nat == FIREWALL6 else 1
+                if self.spec.ipv6:
+                    settings["net.ipv6.conf.all.forwarding"] = 1
             self._sysctl(node.netns, settings)
 
         # Switch: bridges and the switch end of every veth pair (the peer goes straight into
         # the node's namespace; nothing is ever created in the caller's namespace).
         sw: list[str] = ["link set lo up"]
+        # IPv6 labs: no multicast snooping, so neighbour discovery is plainly flooded.
+        snooping = " mcast_snooping 0" if self.spec.ipv6 else ""
         for br in plan.bridges:
-            sw.append(f"link add {br} type bridge forward_delay 0 stp_state 0")
+            sw.append(f"link add {br} type bridge forward_delay 0 stp_state 0{snooping}")
             sw.append(f"link set {br} up")
         for link in plan.links:
             sw.append(
@@ -1061,9 +1308,44 @@ class Lab:
                 cmds.append(f"route add default via {h.gateway} dev {h.iface}")
             self._batch(h.netns, cmds)
 
+        if self.spec.ipv6:
+            self._build_ipv6()
+
         for link in plan.links:
             if link.netem is not None:
                 self._apply_netem(link, link.netem)
+
+    def _build_ipv6(self) -> None:
+        """Addresses (no DAD), routes and the ``ip6`` firewall of every node (IPv6 labs)."""
+        plan = self._plan
+        for r in plan.routers.values():
+            if r.upstream is None:
+                wan_prefix = INTERNET6_LINK.prefixlen
+            else:
+                upstream6 = self.router(r.upstream).lan_subnet6
+                assert upstream6 is not None
+                wan_prefix = upstream6.prefixlen
+            assert r.lan_subnet6 is not None
+            cmds = [
+                f"addr add {r.wan_address6}/{wan_prefix} dev {r.wan_iface} nodad",
+                f"addr add {r.lan_address6}/{r.lan_subnet6.prefixlen} dev {r.lan_iface} nodad",
+                *plan.routes6.get(r.name, []),
+            ]
+            self._batch(r.netns, cmds)
+            run_command(
+                ["ip", "netns", "exec", r.netns, "nft", "-f", "-"], input=nftables6_ruleset(r)
+            )
+        for h in plan.hosts.values():
+            if h.router is None:
+                prefix = INTERNET6_LINK.prefixlen
+            else:
+                lan6 = self.router(h.router).lan_subnet6
+                assert lan6 is not None
+                prefix = lan6.prefixlen
+            # The kernel lists the newest global address first and prefers it as a source on
+            # a tie, so the primary address is added last.
+            cmds = [f"addr add {a}/{prefix} dev {h.iface} nodad" for a in reversed(h.addresses6)]
+            self._batch(h.netns, [*cmds, *plan.routes6.get(h.name, [])])
 
     @property
     def netem_backend(self) -> NetemBackend:
@@ -1208,6 +1490,8 @@ class Lab:
     def reset_nat(self, routers: Sequence[str] | None = None) -> None:
         """Forget all NAT state: flush conntrack and the learnt maps in every router.
 
+        Flushing conntrack also closes every IPv6 firewall again (both families are flushed).
+
         Call between trials, otherwise the next trial inherits old mappings.
         """
         self._require_running()
@@ -1300,9 +1584,13 @@ class Lab:
                 f"  router {r.name}: {r.nat}{' +hairpin' if r.hairpin else ''} "
                 f"wan {r.wan_address} (on {up}) lan {r.lan_subnet}"
             )
+            if r.lan_subnet6 is not None:
+                lines.append(f"    ipv6 firewall: wan {r.wan_address6} lan {r.lan_subnet6}")
         for h in self._plan.hosts.values():
             where = h.router or "internet"
             lines.append(f"  host {h.name}: {', '.join(h.addresses)} (on {where})")
+            if h.addresses6:
+                lines.append(f"    ipv6: {', '.join(h.addresses6)}")
         return "\n".join(lines)
 
 

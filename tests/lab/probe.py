@@ -11,6 +11,9 @@ Imported, :class:`Probe` starts such an agent in a lab node and wraps the comman
     s.query((lab.host("pub").address, 4000))                # -> ("198.18.0.11", 40000)
     s.stun((lab.host("pub").address, 3478))                 # XOR-MAPPED-ADDRESS
 
+IPv6 works the same way: bind ``"::"`` (``a.udp(addr="::")``, ``pub.udp_echo(lab.address6("pub"),
+4000)``); every socket's family follows the address it is bound or connecting to.
+
 Only the standard library is used, so the script runs with any Python >= 3.11.
 """
 
@@ -55,6 +58,25 @@ def stun_binding_request(txid: bytes) -> bytes:
     return struct.pack("!HHI", STUN_BINDING_REQUEST, 0, STUN_MAGIC) + txid
 
 
+def _family(addr: str) -> socket.AddressFamily:
+    """``AF_INET6`` for an IPv6 literal, else ``AF_INET``."""
+    return socket.AF_INET6 if ":" in addr else socket.AF_INET
+
+
+def _socket(addr: str, kind: socket.SocketKind) -> socket.socket:
+    """A socket of ``addr``'s family; IPv6 sockets are IPv6-only (no IPv4-mapped addresses)."""
+    family = _family(addr)
+    s = socket.socket(family, kind)
+    if family == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    return s
+
+
+def _any_addr(peer: str) -> str:
+    """The wildcard address of ``peer``'s family."""
+    return "::" if _family(peer) == socket.AF_INET6 else "0.0.0.0"
+
+
 def stun_parse_mapped(data: bytes, txid: bytes) -> Addr | None:
     """The (XOR-)MAPPED-ADDRESS of a Binding success response for ``txid``, else ``None``."""
     if len(data) < 20:
@@ -69,7 +91,19 @@ def stun_parse_mapped(data: bytes, txid: bytes) -> Addr | None:
         atype, alen = struct.unpack_from("!HH", body, pos)
         value = body[pos + 4 : pos + 4 + alen]
         pos += 4 + alen + (-alen % 4)
-        if len(value) < 8 or value[1] != 0x01:  # IPv4 only
+        if len(value) >= 20 and value[1] == 0x02:  # IPv6
+            port = struct.unpack_from("!H", value, 2)[0]
+            raw6 = value[4:20]
+            if atype == ATTR_XOR_MAPPED_ADDRESS:
+                key = struct.pack("!I", STUN_MAGIC) + txid
+                port ^= STUN_MAGIC >> 16
+                return socket.inet_ntop(
+                    socket.AF_INET6, bytes(b ^ k for b, k in zip(raw6, key, strict=True))
+                ), port
+            if atype == ATTR_MAPPED_ADDRESS:
+                plain = socket.inet_ntop(socket.AF_INET6, raw6), port
+            continue
+        if len(value) < 8 or value[1] != 0x01:
             continue
         port = struct.unpack_from("!H", value, 2)[0]
         raw = struct.unpack_from("!I", value, 4)[0]
@@ -108,10 +142,11 @@ class _Agent:
     # -- commands --------------------------------------------------------------------------
 
     def op_udp(self, cmd: dict[str, Any]) -> dict[str, Any]:
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.bind((cmd.get("addr", "0.0.0.0"), int(cmd.get("port", 0))))
+        bind = str(cmd.get("addr", "0.0.0.0"))
+        s = _socket(bind, socket.SOCK_DGRAM)
+        s.bind((bind, int(cmd.get("port", 0))))
         sid = self._add(s)
-        addr, port = s.getsockname()
+        addr, port = s.getsockname()[:2]
         return {"sock": sid, "addr": addr, "port": port}
 
     def op_udp_echo(self, cmd: dict[str, Any]) -> dict[str, Any]:
@@ -129,19 +164,20 @@ class _Agent:
             except OSError:
                 return
             if data.startswith(b"Q "):
-                reply = {"nonce": data[2:].decode(errors="replace"), "observed": list(src)}
+                reply = {"nonce": data[2:].decode(errors="replace"), "observed": list(src[:2])}
                 with contextlib.suppress(OSError):
                     s.sendto(json.dumps(reply).encode(), src)
 
     def op_tcp_echo(self, cmd: dict[str, Any]) -> dict[str, Any]:
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        bind = str(cmd.get("addr", "0.0.0.0"))
+        s = _socket(bind, socket.SOCK_STREAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind((cmd.get("addr", "0.0.0.0"), int(cmd.get("port", 0))))
+        s.bind((bind, int(cmd.get("port", 0))))
         s.listen(16)
         sid = self._add(s)
         self.echoing.add(sid)
         threading.Thread(target=self._tcp_echo_loop, args=(s,), daemon=True).start()
-        addr, port = s.getsockname()
+        addr, port = s.getsockname()[:2]
         return {"sock": sid, "addr": addr, "port": port}
 
     @staticmethod
@@ -152,12 +188,13 @@ class _Agent:
             except OSError:
                 return
             with conn, contextlib.suppress(OSError):
-                conn.sendall(json.dumps({"observed": list(src)}).encode() + b"\n")
+                conn.sendall(json.dumps({"observed": list(src[:2])}).encode() + b"\n")
 
     def op_tcp_query(self, cmd: dict[str, Any]) -> dict[str, Any]:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        peer = str(cmd["to"][0])
+        with _socket(peer, socket.SOCK_STREAM) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(("0.0.0.0", int(cmd.get("port", 0))))
+            s.bind((_any_addr(peer), int(cmd.get("port", 0))))
             s.settimeout(float(cmd.get("timeout", 3.0)))
             try:
                 s.connect((cmd["to"][0], int(cmd["to"][1])))
@@ -170,18 +207,19 @@ class _Agent:
             except OSError as exc:
                 return {"observed": None, "error": str(exc)}
             local = s.getsockname()
-        return {"observed": json.loads(buf)["observed"], "local": list(local)}
+        return {"observed": json.loads(buf)["observed"], "local": list(local[:2])}
 
     def op_tcp_sink(self, cmd: dict[str, Any]) -> dict[str, Any]:
         """A TCP listener that reads each connection to EOF and answers the byte count."""
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        bind = str(cmd.get("addr", "0.0.0.0"))
+        s = _socket(bind, socket.SOCK_STREAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind((cmd.get("addr", "0.0.0.0"), int(cmd.get("port", 0))))
+        s.bind((bind, int(cmd.get("port", 0))))
         s.listen(16)
         sid = self._add(s)
         self.echoing.add(sid)
         threading.Thread(target=self._tcp_sink_loop, args=(s,), daemon=True).start()
-        addr, port = s.getsockname()
+        addr, port = s.getsockname()[:2]
         return {"sock": sid, "addr": addr, "port": port}
 
     @staticmethod
@@ -215,6 +253,53 @@ class _Agent:
                     break
                 reply += chunk
         return {"received": int(reply or b"-1"), "seconds": time.monotonic() - start}
+
+    def op_tcp_punch(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """TCP simultaneous open: ``connect()`` from the fixed local ``port`` (SO_REUSEADDR and
+        SO_REUSEPORT) to ``to``, up to ``attempts`` times, each bounded by ``timeout``.
+
+        Once connected, each side writes ``data`` and a newline and reads the peer's line.
+        """
+        peer = (str(cmd["to"][0]), int(cmd["to"][1]))
+        port = int(cmd["port"])
+        attempts = max(1, min(int(cmd.get("attempts", 5)), 20))
+        per_try = max(0.1, min(float(cmd.get("timeout", 2.0)), 10.0))
+        message = str(cmd.get("data", "hello")).encode() + b"\n"
+        errors: list[str] = []
+        for attempt in range(1, attempts + 1):
+            start = time.monotonic()
+            s = _socket(peer[0], socket.SOCK_STREAM)
+            try:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                s.bind((_any_addr(peer[0]), port))
+                s.settimeout(per_try)
+                s.connect(peer)
+                s.sendall(message)
+                line = b""
+                while not line.endswith(b"\n") and len(line) < 4096:
+                    chunk = s.recv(512)
+                    if not chunk:
+                        break
+                    line += chunk
+                return {
+                    "connected": True,
+                    "attempts": attempt,
+                    "local": list(s.getsockname()[:2]),
+                    "peer": list(s.getpeername()[:2]),
+                    "received": line.decode(errors="replace").rstrip("\n"),
+                    "errors": errors,
+                }
+            except OSError as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+                # An immediate failure (e.g. a RST) must not turn into a tight loop: pace the
+                # attempts at most once per ``per_try``.
+                rest = per_try - (time.monotonic() - start)
+                if rest > 0 and attempt < attempts:
+                    time.sleep(rest)
+            finally:
+                s.close()
+        return {"connected": False, "attempts": attempts, "errors": errors}
 
     def op_send(self, cmd: dict[str, Any]) -> dict[str, Any]:
         _, s = self._sock(cmd)
@@ -403,6 +488,20 @@ class UdpSocket:
         self.probe.call("close", sock=self.id)
 
 
+@dataclass(frozen=True)
+class TcpPunch:
+    """Outcome of :meth:`Probe.tcp_punch`."""
+
+    connected: bool
+    attempts: int
+    local: Addr | None
+    peer: Addr | None
+    #: The line the peer wrote on the connection.
+    received: str | None
+    #: One entry per failed attempt.
+    errors: list[str]
+
+
 class Probe:
     """A probe agent running inside one lab node."""
 
@@ -498,10 +597,40 @@ class Probe:
         return int(res["received"]), float(res["seconds"])
 
     def tcp_query(self, echo: Addr, port: int = 0, timeout: float = 3.0) -> Addr | None:
+        return self.tcp_try(echo, port, timeout)[0]
+
+    def tcp_try(
+        self, echo: Addr, port: int = 0, timeout: float = 3.0
+    ) -> tuple[Addr | None, str | None]:
+        """Like :meth:`tcp_query`, also returning why it failed (``"timed out"``: no answer)."""
         res = self.call("tcp_query", to=list(echo), port=port, timeout=timeout)
         if res["observed"] is None:
-            return None
-        return res["observed"][0], int(res["observed"][1])
+            return None, str(res.get("error"))
+        return (res["observed"][0], int(res["observed"][1])), None
+
+    def tcp_punch(
+        self, peer: Addr, port: int, *, attempts: int = 5, timeout: float = 2.0, data: str = ""
+    ) -> TcpPunch:
+        """TCP simultaneous open from local ``port`` to ``peer`` (run on both sides at once)."""
+        res = self.call(
+            "tcp_punch",
+            to=list(peer),
+            port=port,
+            attempts=attempts,
+            timeout=timeout,
+            data=data or f"hello from {self.node}",
+            wait=attempts * (timeout + 0.5) + 10.0,
+        )
+        if not res["connected"]:
+            return TcpPunch(False, int(res["attempts"]), None, None, None, list(res["errors"]))
+        return TcpPunch(
+            True,
+            int(res["attempts"]),
+            (res["local"][0], int(res["local"][1])),
+            (res["peer"][0], int(res["peer"][1])),
+            str(res["received"]),
+            list(res["errors"]),
+        )
 
     def close(self) -> None:
         with self._lock:
