@@ -293,7 +293,9 @@ def issue_certificate(
     cert_file, key_file = target / NODE_CERT_NAME, target / NODE_KEY_NAME
     _write_private(key_file, _key_pem(key), "out")
     _write_public(cert_file, cert.public_bytes(serialization.Encoding.PEM), "out")
-    return IssuedCertificate(peer, cert_file, key_file, ca.certificate_file, end)
+    return IssuedCertificate(
+        peer, cert_file, key_file, ca.certificate_file, cert.not_valid_after_utc
+    )
 
 
 # ---------------------------------------------------------------- node credentials
