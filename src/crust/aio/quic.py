@@ -116,11 +116,9 @@ class QuicSettings:
         identity: Identity,
         *,
         trust: TrustStore | None = None,
-        now: datetime.datetime | None = None,
     ) -> QuicSettings:
         """The QUIC/TLS side of a service. ``trust`` replaces the system roots in
-        ``public-ca`` mode; ``now`` is when the certificate must be valid (default: now).
-        Raises ConfigError naming the config field at fault."""
+        ``public-ca`` mode. Raises ConfigError naming the config field at fault."""
         idle = max(2 * config.heartbeat_timeout, config.handshake_timeout)
         alpn = alpn_for(config.network_name)
         mode = config.quic_certificates
@@ -130,9 +128,7 @@ class QuicSettings:
             )
         if config.quic_certificate_file is None or config.quic_private_key_file is None:
             raise errors.ConfigError(f"required in {mode!r} mode", "quic_certificate_file")
-        creds = load_node_credentials(
-            config.quic_certificate_file, config.quic_private_key_file, now=now
-        )
+        creds = load_node_credentials(config.quic_certificate_file, config.quic_private_key_file)
         if creds.peer_id is not None and creds.peer_id != identity.peer_id:
             raise errors.ConfigError(
                 f"the certificate is for peer {creds.peer_id}, this service is {identity.peer_id}",
@@ -511,6 +507,15 @@ class QuicLink:
         if self._closing:
             return
         self._closing = True
+        refusal = self._identity_refusal()
+        if refusal is not None and not self._terminated:
+            self.quic.close(
+                error_code=QuicErrorCode.CRYPTO_ERROR + AlertDescription.bad_certificate,
+                reason_phrase=refusal,
+            )
+            self._transmit_soon()
+            self._loop.call_soon(self._report_lost)
+            return
         if self._stream_id is not None and self._handshake_done and not self._terminated:
             self.quic.send_stream_data(self._stream_id, b"", end_stream=True)
             self._fin_sent = True
@@ -603,6 +608,18 @@ class QuicLink:
         if self.on_ready is not None:
             self.on_ready(self)
 
+    def _identity_refusal(self) -> str | None:
+        """Why to close with a certificate alert rather than a FIN: the crust handshake
+        failed to prove the peer id the remote's certificate names (so the dialer learns it
+        was refused, as it would at the TLS layer)."""
+        conn = self.conn
+        if self.certified_peer is None or conn is None or conn.session.peer_id is not None:
+            return None
+        final = conn.session.closed_event
+        if final is None or not isinstance(final.error, errors.PeerAuthenticationError):
+            return None
+        return f"the certificate's peer id was not proven: {final.error}"[:200]
+
     def _refuse_certificate(self, exc: CertificateRefused) -> None:
         """The remote's certificate failed our check: close with the TLS alert, fail the
         dial (or count the listener's failed handshake); no crust session starts."""
@@ -685,7 +702,11 @@ class QuicLink:
             if self._pending and not conn.closed:
                 self._read_paused = False
                 self._deliver_pending()
-            if self.close_error is not None and conn.session.state is State.HANDSHAKE:
+            if self.close_error is not None and conn.session.state in (
+                State.HANDSHAKE,
+                State.ESTABLISHED,
+            ):
+                # e.g. the listener refused our certificate: say so, not "closed"
                 conn.session.connection_lost(self.close_error)
             conn.connection_lost(None)
 
