@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import ssl
+import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -18,6 +19,7 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import HandshakeCompleted
 from aioquic.quic.packet import pull_quic_header
+from click.testing import CliRunner
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -32,6 +34,7 @@ from crust.aio.quic import (
     peer_certificates,
 )
 from crust.ca import TrustStore, init_ca, issue_certificate, load_ca, load_node_credentials
+from crust.cli.main import main
 from crust.events import ConnectFailed, ListenerFailed, MessageReceived, PeerConnected
 from crust.identity import Identity
 from crust.service import Service
@@ -508,3 +511,26 @@ def test_aioquic_client_certificate_internals() -> None:
     # without the switch the server never learns the client's certificate
     plain = QuicConnection(configuration=sconf, original_destination_connection_id=bytes(8))
     assert peer_certificates(plain) == (None, [])
+
+
+async def test_cli_made_ca_and_printed_config_lines_connect(tmp_path: Path, node: Make) -> None:
+    """The user's path: `crust ca init`, `crust ca issue` per node, paste the printed lines
+    into each node's config file."""
+    runner = CliRunner()
+    assert runner.invoke(main, ["ca", "init", str(tmp_path / "ca")]).exit_code == 0
+    services = []
+    for name in ("a", "b"):
+        ident = Identity.generate()
+        ident.save(tmp_path / f"{name}.pem")
+        result = runner.invoke(
+            main, ["ca", "issue", str(tmp_path / "ca"), "--identity", str(tmp_path / f"{name}.pem")]
+        )
+        assert result.exit_code == 0, result.output
+        lines = [ln.strip() for ln in result.output.splitlines() if ln.strip().startswith("quic")]
+        config_file = tmp_path / f"{name}.toml"
+        config_file.write_text("\n".join(lines) + "\n")
+        config = crust.Config.load(config_file)
+        fields = {k: getattr(config, k) for k in tomllib.loads(config_file.read_text())}
+        services.append(await node(Identity.load(tmp_path / f"{name}.pem"), **fields))
+    (a, wa), (b, wb) = services
+    await exchange(a, wa, b, wb, quic_contact(b))

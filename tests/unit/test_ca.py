@@ -508,3 +508,17 @@ def test_cli_ca_issue_without_a_ca(tmp_path: Path) -> None:
 def test_peer_id_round_trip_in_certificate_is_exact() -> None:
     pid = PeerId(bytes(range(32)))
     assert certificate_peer_id(cert_with_uris([f"crust:{pid}"])) == pid
+
+
+def test_config_quic_ca_file_only_in_private_ca_mode(tmp_path: Path) -> None:
+    files = {"quic_certificate_file": tmp_path / "c", "quic_private_key_file": tmp_path / "k"}
+    for mode_ in ("self-signed", "public-ca"):
+        with pytest.raises(ConfigError, match="only used when") as info:
+            Config.for_testing(quic_certificates=mode_, quic_ca_file=tmp_path / "ca", **files)
+        assert info.value.field == "quic_ca_file"
+    with pytest.raises(ConfigError) as info:
+        Config.for_testing(quic_certificates="private-ca", **files)
+    assert info.value.field == "quic_ca_file"
+    with pytest.raises(ConfigError) as info:
+        Config.for_testing(quic_certificates="public-ca")
+    assert info.value.field == "quic_certificate_file"
