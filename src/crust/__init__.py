@@ -1,6 +1,6 @@
 """crust: reliable, encrypted, authenticated peer-to-peer connections with NAT traversal."""
 
-from crust import errors, events
+from crust import ca, errors, events
 from crust.config import Config
 from crust.contact import Contact
 from crust.identity import Identity, PeerId
@@ -22,6 +22,7 @@ __all__ = [
     "Service",
     "Statistics",
     "__version__",
+    "ca",
     "errors",
     "events",
 ]

@@ -95,6 +95,8 @@ class Config:
                     )
         if self.quic_certificates == "private-ca" and self.quic_ca_file is None:
             raise ConfigError("required when quic_certificates is 'private-ca'", "quic_ca_file")
+        if self.quic_certificates != "private-ca" and self.quic_ca_file is not None:
+            raise ConfigError("only used when quic_certificates is 'private-ca'", "quic_ca_file")
 
     @classmethod
     def for_testing(cls, **overrides: Any) -> Config:

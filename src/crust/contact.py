@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ifaddr
 
@@ -22,6 +22,9 @@ class Contact:
     host: str
     port: int
     peer_id: PeerId | None = None
+    name: str | None = field(default=None, compare=False, repr=False)
+    """The DNS name ``host`` was resolved from (QUIC's public-ca mode checks the listener's
+    certificate against it); not part of the contact's identity."""
 
     @classmethod
     def parse(cls, text: str, *, field: str = "contact") -> Contact:
@@ -87,7 +90,7 @@ class Contact:
         return (self.host, self.port)
 
     def with_peer(self, peer_id: PeerId | None) -> Contact:
-        return Contact(self.scheme, self.host, self.port, peer_id)
+        return Contact(self.scheme, self.host, self.port, peer_id, self.name)
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host

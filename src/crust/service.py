@@ -17,6 +17,7 @@ from crust.aio.quic import QuicLink, QuicSettings
 from crust.aio.tcp import TcpProtocol, sock_contact
 from crust.aio.udp_mux import Address, UdpMux
 from crust.bootstrap import Bootstrapper
+from crust.ca import TrustStore
 from crust.config import Config, parse_acl_entry
 from crust.contact import Contact, expand_wildcard
 from crust.events import (
@@ -91,8 +92,17 @@ class Service:
     block (or :meth:`aclose`) closes every connection and listener.
     """
 
-    def __init__(self, config: Config | None = None, *, identity: Identity | None = None) -> None:
+    def __init__(
+        self,
+        config: Config | None = None,
+        *,
+        identity: Identity | None = None,
+        quic_trust: TrustStore | None = None,
+    ) -> None:
+        """``quic_trust``: the roots QUIC's public-ca mode verifies against instead of the
+        system's (see crust.ca.TrustStore)."""
         self.config = config if config is not None else Config()
+        self._quic_trust = quic_trust
         self.identity = identity if identity is not None else Identity.generate()
         self.peer_id: PeerId = self.identity.peer_id
         cfg = self.config
@@ -261,19 +271,11 @@ class Service:
             self._emit(ListenerStarted(local))
 
     def _quic(self) -> QuicSettings:
-        """The TLS side of QUIC: a throwaway self-signed certificate per service (peer
-        identity is proven by the Noise handshake inside the stream)."""
+        """The TLS side of QUIC (quic_certificates mode; peer identity is always proven by
+        the Noise handshake inside the stream). ConfigError names a bad field."""
         if self._quic_settings is None:
-            cfg = self.config
-            if cfg.quic_certificates != "self-signed":
-                raise errors.ConfigError(
-                    f"{cfg.quic_certificates!r} is not implemented yet (use 'self-signed')",
-                    "quic_certificates",
-                )
-            self._quic_settings = QuicSettings.self_signed(
-                cfg.network_name,
-                idle_timeout=max(2 * cfg.heartbeat_timeout, cfg.handshake_timeout),
-                handshake_timeout=cfg.handshake_timeout,
+            self._quic_settings = QuicSettings.from_config(
+                self.config, self.identity, trust=self._quic_trust
             )
         return self._quic_settings
 
@@ -333,7 +335,7 @@ class Service:
             link.remote,
             link.local,
             initiator=False,
-            expected=None,
+            expected=link.certified_peer,  # CA modes: Noise must prove the certificate's id
             transport_name="quic",
             outbound=punched[2] if punched else False,
             path="punched" if punched else "direct",
@@ -579,7 +581,8 @@ class Service:
             except OSError as exc:
                 raise errors.ConnectError(f"cannot resolve {c.host}: {exc}") from exc
             for info in infos:
-                alt = Contact.from_address(c.scheme, (str(info[4][0]), c.port), c.peer_id)
+                ip = Contact.from_address(c.scheme, (str(info[4][0]), c.port), c.peer_id)
+                alt = Contact(ip.scheme, ip.host, ip.port, ip.peer_id, name=c.host)
                 if alt not in out:
                     out.append(alt)
         v6 = [c for c in out if c.family_v6]
@@ -623,9 +626,13 @@ class Service:
     ) -> PeerId:
         """Dial a QUIC contact from a shared UDP socket; crust's session runs on its first
         bidirectional stream once the QUIC handshake (ALPN = network) is done."""
-        if mux is None:
-            mux = self._dial_mux(contact)
-        link = QuicLink.dial(mux, contact.address, self._quic())
+        link = QuicLink.dial(
+            mux if mux is not None else self._dial_mux(contact),
+            contact.address,
+            self._quic(),
+            pin=contact.peer_id,
+            server_name=contact.name,
+        )
         try:
             await link.ready
         except BaseException as exc:
@@ -639,7 +646,7 @@ class Service:
             link.remote,
             link.local,
             initiator=True,
-            expected=contact.peer_id,
+            expected=link.certified_peer or contact.peer_id,  # the link checked they agree
             transport_name="quic",
             path=path,
         )

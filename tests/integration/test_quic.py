@@ -239,3 +239,9 @@ def test_aioquic_internals_we_rely_on_still_exist() -> None:
     assert isinstance(sender._buffer_start, int)
     assert isinstance(sender._buffer_stop, int)
     assert sender._buffer_stop - sender._buffer_start == 5000
+    # CA certificate modes: the server's switch to request the client's certificate, set
+    # right after QuicConnection._initialize, and the certificates the remote presented
+    # (test_quic_certs.py runs a whole mutual-certificate handshake through them)
+    assert callable(QuicConnection._initialize)
+    assert quic.tls._request_client_certificate is False
+    assert quic.tls._peer_certificate is None and quic.tls._peer_certificate_chain == []

@@ -10,7 +10,12 @@ priorities, heartbeats) behaves exactly as over TCP.
 aioquic internals used (no public API exists for them; all behind ``getattr`` with a safe
 fallback): ``QuicConnection._close_event`` to notice a close at once rather than after the
 3 PTO draining period, and the stream sender's ``_buffer_start``/``_buffer_stop`` (bytes
-written but not yet acknowledged) to emulate ``pause_writing``.
+written but not yet acknowledged) to emulate ``pause_writing``. In the CA certificate modes
+also ``QuicConnection._initialize`` (wrapped to set ``tls._request_client_certificate``, so
+the server asks for the client's certificate) and ``tls._peer_certificate`` /
+``tls._peer_certificate_chain`` (the certificate the remote presented); these fail closed:
+a missing attribute refuses the connection. ``tests/integration/test_quic.py`` and
+``tests/integration/test_quic_certs.py`` fail loudly if aioquic renames any of them.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from aioquic.quic import events as qe
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.packet import QuicErrorCode
-from aioquic.tls import AlertDescription
+from aioquic.tls import Alert, AlertBadCertificate, AlertDescription, verify_certificate
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -37,7 +42,17 @@ from cryptography.x509.oid import NameOID
 from crust import errors
 from crust.aio.connection import Connection
 from crust.aio.udp_mux import CID_LENGTH, Address, UdpMux
+from crust.ca import (
+    NodeKey,
+    TrustStore,
+    certificate_peer_id,
+    load_node_credentials,
+    system_trust_store,
+)
+from crust.config import Config
 from crust.contact import format_address
+from crust.identity import Identity, PeerId
+from crust.proto.session import State
 
 log = logging.getLogger("crust.quic")
 
@@ -51,6 +66,23 @@ datagrams are dropped unread, so the peer's QUIC stack backs off and resends lat
 CLOSE_LINGER = 5.0
 """After our FIN, how long to wait for the peer's FIN before closing the QUIC connection."""
 ALPN_MISMATCH = QuicErrorCode.CRYPTO_ERROR + AlertDescription.no_application_protocol
+CERTIFICATE_ALERTS = frozenset(
+    {
+        AlertDescription.bad_certificate,
+        AlertDescription.unsupported_certificate,
+        AlertDescription.certificate_revoked,
+        AlertDescription.certificate_expired,
+        AlertDescription.certificate_unknown,
+        AlertDescription.unknown_ca,
+        AlertDescription.access_denied,
+        AlertDescription.decrypt_error,
+        AlertDescription.certificate_required,
+    }
+)
+"""TLS alerts that mean "a certificate (or the proof of its key) was refused"."""
+SELF_SIGNED = "self-signed"
+PRIVATE_CA = "private-ca"
+PUBLIC_CA = "public-ca"
 
 
 def alpn_for(network_name: str) -> str:
@@ -66,9 +98,70 @@ class QuicSettings:
 
     alpn: str
     certificate: x509.Certificate
-    private_key: ec.EllipticCurvePrivateKey
+    private_key: NodeKey
     idle_timeout: float
     handshake_timeout: float
+    mode: str = SELF_SIGNED
+    """``quic_certificates``: what the TLS layer verifies (docs/design.md, "QUIC
+    certificate modes")."""
+    chain: tuple[x509.Certificate, ...] = ()
+    """Intermediate certificates sent after ours (CA modes)."""
+    trust: TrustStore | None = None
+    """What the remote's chain is verified against (CA modes)."""
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Config,
+        identity: Identity,
+        *,
+        trust: TrustStore | None = None,
+    ) -> QuicSettings:
+        """The QUIC/TLS side of a service. ``trust`` replaces the system roots in
+        ``public-ca`` mode. Raises ConfigError naming the config field at fault."""
+        idle = max(2 * config.heartbeat_timeout, config.handshake_timeout)
+        alpn = alpn_for(config.network_name)
+        mode = config.quic_certificates
+        if mode == SELF_SIGNED:
+            return cls.self_signed(
+                config.network_name, idle_timeout=idle, handshake_timeout=config.handshake_timeout
+            )
+        if config.quic_certificate_file is None or config.quic_private_key_file is None:
+            raise errors.ConfigError(f"required in {mode!r} mode", "quic_certificate_file")
+        creds = load_node_credentials(config.quic_certificate_file, config.quic_private_key_file)
+        if creds.peer_id is not None and creds.peer_id != identity.peer_id:
+            raise errors.ConfigError(
+                f"the certificate is for peer {creds.peer_id}, this service is {identity.peer_id}",
+                "quic_certificate_file",
+            )
+        if mode == PRIVATE_CA:
+            if config.quic_ca_file is None:
+                raise errors.ConfigError("required in 'private-ca' mode", "quic_ca_file")
+            if creds.peer_id is None:
+                raise errors.ConfigError(
+                    "the certificate names no crust peer id (issue it with `crust ca issue`)",
+                    "quic_certificate_file",
+                )
+            trust = TrustStore.from_file(config.quic_ca_file)
+            try:
+                verify_chain(creds.certificate, creds.chain, trust)
+            except Alert as exc:
+                raise errors.ConfigError(
+                    f"the certificate does not verify against quic_ca_file: {exc}",
+                    "quic_certificate_file",
+                ) from exc
+        elif trust is None:
+            trust = system_trust_store()
+        return cls(
+            alpn,
+            creds.certificate,
+            creds.private_key,
+            idle,
+            config.handshake_timeout,
+            mode=mode,
+            chain=creds.chain,
+            trust=trust,
+        )
 
     @classmethod
     def self_signed(
@@ -77,7 +170,14 @@ class QuicSettings:
         cert, key = self_signed_certificate()
         return cls(alpn_for(network_name), cert, key, idle_timeout, handshake_timeout)
 
-    def configuration(self, *, is_client: bool) -> QuicConfiguration:
+    @property
+    def requests_client_certificate(self) -> bool:
+        """Whether a listener asks dialers for their certificate (private-ca)."""
+        return self.mode == PRIVATE_CA
+
+    def configuration(
+        self, *, is_client: bool, server_name: str | None = None
+    ) -> QuicConfiguration:
         config = QuicConfiguration(
             is_client=is_client,
             alpn_protocols=[self.alpn],
@@ -86,13 +186,120 @@ class QuicSettings:
             max_data=16 * 1024 * 1024,
             max_stream_data=8 * 1024 * 1024,
         )
+        if self.mode == SELF_SIGNED:
+            if is_client:
+                # identity comes from the Noise XX handshake inside the stream, not from TLS
+                config.verify_mode = ssl.CERT_NONE
+            else:
+                config.certificate = self.certificate
+                config.private_key = self.private_key
+            return config
+        # CA modes: both sides carry their certificate (a dialer sends it when asked); a
+        # dialer verifies the listener's chain (and, given a DNS name, that it names it)
+        config.certificate = self.certificate
+        config.certificate_chain = list(self.chain)
+        config.private_key = self.private_key
         if is_client:
-            # identity comes from the Noise XX handshake inside the stream, not from TLS
-            config.verify_mode = ssl.CERT_NONE
-        else:
-            config.certificate = self.certificate
-            config.private_key = self.private_key
+            config.verify_mode = ssl.CERT_REQUIRED
+            config.server_name = server_name
+            trust = self.trust or TrustStore()
+            config.load_verify_locations(trust.cafile, trust.capath, trust.cadata)
         return config
+
+    def check_peer(
+        self,
+        quic: QuicConnection,
+        *,
+        pin: PeerId | None = None,
+        server_name: str | None = None,
+    ) -> PeerId | None:
+        """After the TLS handshake: the peer id the remote's certificate names (the Noise
+        handshake must then prove that very id), or ``None`` when the mode binds none.
+        Raises :class:`CertificateRefused` (its ``alert`` is the TLS alert to close with).
+
+        A dialer's view of the listener's chain (and host name) was already verified by
+        aioquic; a private-ca listener verifies the dialer's chain here (aioquic checks only
+        the dialer's proof of possession of the certificate key)."""
+        is_client = quic.configuration.is_client
+        if self.mode == SELF_SIGNED or (not is_client and not self.requests_client_certificate):
+            return None  # nothing to bind: the Noise handshake alone proves the peer id
+        whose = "the listener's certificate" if is_client else "the dialer's certificate"
+        cert, chain = peer_certificates(quic)
+        if cert is None:
+            raise _refusal(f"{whose} is missing", AlertDescription.certificate_required)
+        if not is_client:
+            try:
+                verify_chain(cert, chain, self.trust or TrustStore())
+            except Alert as exc:
+                raise _refusal(f"{whose} does not verify: {exc}", exc.description) from exc
+        try:
+            peer = certificate_peer_id(cert)
+        except errors.PeerAuthenticationError as exc:
+            raise _refusal(f"{whose}: {exc}") from exc
+        if self.mode == PRIVATE_CA and peer is None:
+            raise _refusal(f"{whose} names no crust peer id")
+        if peer is None and server_name is None:
+            # public-ca, dialed by IP address: the certificate must name something we know
+            raise _refusal(f"{whose} names no crust peer id and the contact no host name")
+        if pin is not None and peer is not None and peer != pin:
+            raise _refusal(f"{whose} is for peer {peer}, the contact expects {pin}")
+        return peer
+
+
+def verify_chain(
+    certificate: x509.Certificate,
+    chain: tuple[x509.Certificate, ...] | list[x509.Certificate],
+    trust: TrustStore,
+) -> None:
+    """aioquic's own chain check (dates, then the chain via OpenSSL), the same one its
+    client applies to a server: raises an aioquic TLS ``Alert``."""
+    try:
+        verify_certificate(
+            certificate=certificate,
+            chain=list(chain),
+            cadata=trust.cadata,
+            cafile=trust.cafile,
+            capath=trust.capath,
+        )
+    except Alert:
+        raise
+    except Exception as exc:  # an unreadable certificate or trust store: refuse
+        raise AlertBadCertificate(f"cannot verify: {exc}") from exc
+
+
+def peer_certificates(
+    quic: QuicConnection,
+) -> tuple[x509.Certificate | None, list[x509.Certificate]]:
+    """The certificate (and chain) the remote presented in the TLS handshake. aioquic has
+    no public API for it: read its private attributes, and fail closed if they are gone."""
+    tls: Any = getattr(quic, "tls", None)
+    cert = getattr(tls, "_peer_certificate", None)
+    chain = getattr(tls, "_peer_certificate_chain", None)
+    if not isinstance(cert, x509.Certificate) or not isinstance(chain, list):
+        return None, []
+    return cert, [c for c in chain if isinstance(c, x509.Certificate)]
+
+
+class ClientCertificateQuicConnection(QuicConnection):
+    """A listener's QUIC connection that asks the dialer for its certificate (TLS
+    CertificateRequest). aioquic has a switch for it only on its private TLS context."""
+
+    def _initialize(self, peer_cid: bytes) -> None:
+        super()._initialize(peer_cid)
+        # should aioquic rename the switch, no certificate arrives and check_peer refuses
+        self.tls._request_client_certificate = True
+
+
+class CertificateRefused(errors.PeerAuthenticationError):
+    """The remote's certificate failed a check; ``alert`` is the TLS alert to close with."""
+
+    def __init__(self, message: str, alert: int = AlertDescription.bad_certificate) -> None:
+        super().__init__(message)
+        self.alert = int(alert)
+
+
+def _refusal(message: str, alert: int = AlertDescription.bad_certificate) -> CertificateRefused:
+    return CertificateRefused(message, alert)
 
 
 def self_signed_certificate() -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
@@ -116,6 +323,10 @@ def self_signed_certificate() -> tuple[x509.Certificate, ec.EllipticCurvePrivate
 def termination_error(event: qe.ConnectionTerminated) -> errors.CrustError:
     if event.error_code == ALPN_MISMATCH:
         return errors.NetworkMismatch("the peer belongs to another network (QUIC ALPN mismatch)")
+    if event.error_code - QuicErrorCode.CRYPTO_ERROR in CERTIFICATE_ALERTS:
+        return errors.PeerAuthenticationError(
+            f"TLS certificate refused: {event.reason_phrase or 'no reason given'}"
+        )
     if event.error_code == QuicErrorCode.CONNECTION_REFUSED:
         return errors.Refused(f"refused by the peer: {event.reason_phrase or 'no reason'}")
     what = event.reason_phrase or f"error 0x{event.error_code:x}"
@@ -153,6 +364,16 @@ class QuicLink:
         self.on_failed = on_failed
         self.refusal: str | None = None
         """Set on a server link to refuse the client once its first Initial is processed."""
+        self.pin: PeerId | None = None
+        """A dialer's expected peer id (the contact's ``#PEER_ID``)."""
+        self.server_name: str | None = None
+        """A dialer's contact host name (public-ca verifies the certificate names it)."""
+        self.certified_peer: PeerId | None = None
+        """The peer id the remote's certificate names (CA modes), once the QUIC handshake
+        is done: the crust session must prove this very id."""
+        self.close_error: errors.CrustError | None = None
+        """Why the peer closed the QUIC connection, when it said (e.g. refused our
+        certificate): reported to a crust session that was still handshaking."""
         self._loop = asyncio.get_running_loop()
         self.ready: asyncio.Future[None] = self._loop.create_future()
         self.ready.add_done_callback(_retrieve)
@@ -185,10 +406,25 @@ class QuicLink:
     # ------------------------------------------------------------ construction
 
     @classmethod
-    def dial(cls, mux: UdpMux, remote: Address, settings: QuicSettings) -> QuicLink:
-        """Start a client connection from ``mux``'s socket; await ``link.ready``."""
-        quic = QuicConnection(configuration=settings.configuration(is_client=True))
+    def dial(
+        cls,
+        mux: UdpMux,
+        remote: Address,
+        settings: QuicSettings,
+        *,
+        pin: PeerId | None = None,
+        server_name: str | None = None,
+    ) -> QuicLink:
+        """Start a client connection from ``mux``'s socket; await ``link.ready``.
+        ``server_name`` is only used in public-ca mode (the certificate must name it)."""
+        if settings.mode != PUBLIC_CA:
+            server_name = None
+        quic = QuicConnection(
+            configuration=settings.configuration(is_client=True, server_name=server_name)
+        )
         link = cls(mux, quic, remote, settings)
+        link.pin = pin
+        link.server_name = server_name
         quic.connect(remote, now=link._loop.time())
         link._stream_id = quic.get_next_available_stream_id()
         link._transmit()
@@ -205,7 +441,12 @@ class QuicLink:
         on_ready: Callable[[QuicLink], None],
         on_failed: Callable[[QuicLink, BaseException], None],
     ) -> QuicLink:
-        quic = QuicConnection(
+        kind = (
+            ClientCertificateQuicConnection
+            if settings.requests_client_certificate
+            else QuicConnection
+        )
+        quic = kind(
             configuration=settings.configuration(is_client=False),
             original_destination_connection_id=original_dcid,
             retry_source_connection_id=retry_scid,
@@ -266,6 +507,15 @@ class QuicLink:
         if self._closing:
             return
         self._closing = True
+        refusal = self._identity_refusal()
+        if refusal is not None and not self._terminated:
+            self.quic.close(
+                error_code=QuicErrorCode.CRYPTO_ERROR + AlertDescription.bad_certificate,
+                reason_phrase=refusal,
+            )
+            self._transmit_soon()
+            self._loop.call_soon(self._report_lost)
+            return
         if self._stream_id is not None and self._handshake_done and not self._terminated:
             self.quic.send_stream_data(self._stream_id, b"", end_stream=True)
             self._fin_sent = True
@@ -342,6 +592,13 @@ class QuicLink:
                 error_code=ALPN_MISMATCH, reason_phrase="no common application protocol"
             )
             return
+        try:
+            self.certified_peer = self.settings.check_peer(
+                self.quic, pin=self.pin, server_name=self.server_name
+            )
+        except CertificateRefused as exc:
+            self._refuse_certificate(exc)
+            return
         self._handshake_done = True
         if self._deadline is not None:
             self._deadline.cancel()
@@ -350,6 +607,33 @@ class QuicLink:
             self.ready.set_result(None)
         if self.on_ready is not None:
             self.on_ready(self)
+
+    def _identity_refusal(self) -> str | None:
+        """Why to close with a certificate alert rather than a FIN: the crust handshake
+        failed to prove the peer id the remote's certificate names (so the dialer learns it
+        was refused, as it would at the TLS layer)."""
+        conn = self.conn
+        if self.certified_peer is None or conn is None or conn.session.peer_id is not None:
+            return None
+        final = conn.session.closed_event
+        if final is None or not isinstance(final.error, errors.PeerAuthenticationError):
+            return None
+        return f"the certificate's peer id was not proven: {final.error}"[:200]
+
+    def _refuse_certificate(self, exc: CertificateRefused) -> None:
+        """The remote's certificate failed our check: close with the TLS alert, fail the
+        dial (or count the listener's failed handshake); no crust session starts."""
+        log.debug("%r: %s", self, exc)
+        self._closing = True
+        self.quic.close(
+            error_code=QuicErrorCode.CRYPTO_ERROR + exc.alert, reason_phrase=str(exc)[:200]
+        )
+        self.on_ready = None
+        if not self.ready.done():
+            self.ready.set_exception(exc)
+        if self.on_failed is not None:
+            on_failed, self.on_failed = self.on_failed, None
+            on_failed(self, exc)
 
     def _stream_data(self, event: qe.StreamDataReceived) -> None:
         if self._stream_id is None and not self.is_client and event.stream_id == 0:
@@ -391,8 +675,11 @@ class QuicLink:
         if self._terminated and self._lost_reported:
             return
         self._closing = True
-        if not self._handshake_done:
-            err = termination_error(event)
+        err = termination_error(event)
+        if self._handshake_done:
+            if isinstance(err, errors.HandshakeError):
+                self.close_error = err  # e.g. the listener refused our certificate
+        else:
             if not self.ready.done():
                 self.ready.set_exception(err)
             if self.on_failed is not None:
@@ -415,6 +702,12 @@ class QuicLink:
             if self._pending and not conn.closed:
                 self._read_paused = False
                 self._deliver_pending()
+            if self.close_error is not None and conn.session.state in (
+                State.HANDSHAKE,
+                State.ESTABLISHED,
+            ):
+                # e.g. the listener refused our certificate: say so, not "closed"
+                conn.session.connection_lost(self.close_error)
             conn.connection_lost(None)
 
     def _end(self) -> None:

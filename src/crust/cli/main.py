@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 import crust
+from crust.cli.ca import ca_group
 from crust.cli.demo import run_demo
 from crust.cli.node import NodeOptions, run_node
 from crust.config import Config, default_identity_path
@@ -202,6 +203,8 @@ def demo_command() -> None:
     """Show crust at work on loopback: no setup, no root, no files."""
     sys.exit(asyncio.run(run_demo()))
 
+
+main.add_command(ca_group)
 
 if __name__ == "__main__":
     main(prog_name="crust")
