@@ -14,6 +14,7 @@ from crust import errors
 from crust.aio.connection import Connection, closed_reason
 from crust.aio.eventqueue import EventQueue, EventStream
 from crust.aio.quic import QuicLink, QuicSettings
+from crust.aio.stun import StunDispatcher
 from crust.aio.tcp import TcpProtocol, sock_contact
 from crust.aio.udp_mux import Address, UdpMux
 from crust.bootstrap import Bootstrapper
@@ -45,6 +46,7 @@ from crust.proto.session import (
     SessionParams,
     State,
 )
+from crust.proto.stun import StunResponder
 from crust.relay import Relay
 from crust.traversal import Traversal
 from crust.types import ConnectionDetails, EndpointPair, Statistics
@@ -375,7 +377,10 @@ class Service:
         return client
 
     def _hook(self, mux: UdpMux) -> None:
-        """Non-QUIC datagrams on a UDP socket (punching, address echo) go to traversal."""
+        """Non-QUIC datagrams on a UDP socket: STUN (a Binding responder, so every crust node
+        is also a STUN server on its QUIC port, and our own client transactions), then
+        punching and address echo (traversal)."""
+        StunDispatcher.for_mux(mux).responder = StunResponder(allow_response_port=False)
         traversal = self._traversal
         if traversal is not None:
             mux.on_other_datagram = lambda data, addr: traversal.on_datagram(mux, data, addr)

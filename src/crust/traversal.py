@@ -119,6 +119,7 @@ class Traversal:
             "quic": OrderedDict(),
         }
         self._external: dict[str, str] = {}
+        self._seen_by: OrderedDict[PeerId, str] = OrderedDict()
         self._external_ips: list[str] = []
         self._punches: dict[PeerId, _Punch] = {}
         self._by_token: dict[bytes, _Punch] = {}
@@ -155,6 +156,10 @@ class Traversal:
         ip = ipaddress.ip_address(seen.host)
         if ip.is_unspecified or ip.is_multicast or ip.is_loopback:
             return
+        self._seen_by.pop(peer, None)
+        self._seen_by[peer] = str(seen.with_peer(None))
+        while len(self._seen_by) > MAX_OBSERVERS:
+            self._seen_by.popitem(last=False)
         if conn.outbound and "quic" not in self._external and self._listener_mux() is not None:
             # learn the QUIC listener's mapping too (one small datagram to this peer's UDP port)
             self.svc._spawn(self.learn_udp_mapping(peer))
@@ -194,6 +199,10 @@ class Traversal:
                 eps[i] = EndpointPair(ep.protocol, ep.local, best)
         self.svc._emit(ExternalAddressChanged(best))
         log.info("external %s address: %s", scheme, best)
+
+    def observed_by(self, peer: PeerId) -> str | None:
+        """The address ``peer`` last said it sees us at (any connection, any protocol)."""
+        return self._seen_by.get(peer)
 
     def external(self, scheme: str) -> str | None:
         return self._external.get(scheme)

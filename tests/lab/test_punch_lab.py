@@ -7,14 +7,17 @@ Every trial runs real ``crust node`` processes in the lab's namespaces (see
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 from pathlib import Path
 
 import pytest
 
+from tests.lab import netlab
 from tests.lab.conftest import LabFactory
 from tests.lab.matrix import CONE_TYPES, SCHEMES, PunchLab, pairs, summarize
 from tests.lab.netlab import HostSpec, LabSpec, NatType, RouterSpec, pair_spec
+from tests.nodeproc import CLI
 
 pytestmark = pytest.mark.lab
 
@@ -83,3 +86,26 @@ def test_external_quic_address_is_learnt_and_reported(
         eps = a.expect("endpoints")
         assert eps["endpoints"][0]["external"] == ev["endpoint"]
         assert any(c.startswith(ev["endpoint"] + "#") for c in eps["contacts"])
+
+
+@pytest.mark.parametrize("nat", ["none", "full-cone", "restricted", "port-restricted", "symmetric"])
+def test_netcheck_reports_the_nat_the_lab_built(
+    module_lab_factory: LabFactory, tmp_path: Path, nat: NatType
+) -> None:
+    lab = module_lab_factory(pair_spec(nat, "none"))
+    netlab.start_coturn(lab, "pub", tmp_path)
+    plab = PunchLab(lab, tmp_path)
+    pub = lab.host("pub").address
+    out = lab.run(
+        "a",
+        [*CLI, "netcheck", "--stun", f"{pub}:3478", "--contact", plab.pub_contact, "--json"],
+        timeout=60,
+    )
+    report = json.loads(out.stdout)
+    assert report["nat_type"] == nat, report
+    assert report["udp"] is True
+    wan = lab.router("ra").wan_address if nat != "none" else lab.host("a").address
+    assert any(e.split("://")[-1].startswith(f"{wan}:") for e in report["external"]), report
+    crust_obs = next(o for o in report["observers"] if o["kind"] == "crust")
+    assert crust_obs["ok"] and crust_obs["udp"] and crust_obs["latency"] > 0
+    assert crust_obs["mapped"].split("://")[1].startswith(f"{wan}:")

@@ -19,6 +19,7 @@ from rich.logging import RichHandler
 import crust
 from crust.cli.ca import ca_group
 from crust.cli.demo import run_demo
+from crust.cli.netcheck import netcheck_command
 from crust.cli.node import NodeOptions, run_node
 from crust.config import Config, default_identity_path
 from crust.errors import ConfigError
@@ -205,6 +206,7 @@ def demo_command() -> None:
 
 
 main.add_command(ca_group)
+main.add_command(netcheck_command)
 
 if __name__ == "__main__":
     main(prog_name="crust")
