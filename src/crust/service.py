@@ -15,6 +15,7 @@ import ifaddr
 from crust import errors
 from crust.aio.connection import Connection, closed_reason
 from crust.aio.eventqueue import EventQueue, EventStream
+from crust.aio.keylog import KeyLog
 from crust.aio.quic import QuicLink, QuicSettings
 from crust.aio.tcp import TcpProtocol, sock_contact
 from crust.aio.udp_mux import Address, UdpMux
@@ -116,6 +117,7 @@ class Service:
         self._client_muxes: dict[str, UdpMux] = {}
         """Client-only QUIC sockets (by bind host) when no listener fits a destination."""
         self._quic_settings: QuicSettings | None = None
+        self._keylog: KeyLog | None = None
         self._endpoints: list[EndpointPair] = []
         self._known: dict[PeerId, list[str]] = {}
         self._counters = _Counters()
@@ -144,6 +146,9 @@ class Service:
     async def start(self) -> None:
         if self._running or self._closed:
             raise errors.ServiceClosed("a service starts once")
+        if self.config.keylog_file is not None:
+            self._keylog = KeyLog.open(self.config.keylog_file)
+            self._params.keylog = self._keylog.write_noise
         self._tg = asyncio.TaskGroup()
         await self._tg.__aenter__()
         self._running = True
@@ -187,6 +192,8 @@ class Service:
         for conn in list(self._ready):
             self._fail_ready(conn, errors.ServiceClosed("service closed"))
         self._events.close()
+        if self._keylog is not None:
+            self._keylog.close()
 
     def _closed_future(self, conn: Connection) -> asyncio.Future[None]:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -258,6 +265,7 @@ class Service:
                 cfg.network_name,
                 idle_timeout=max(2 * cfg.heartbeat_timeout, cfg.handshake_timeout),
                 handshake_timeout=cfg.handshake_timeout,
+                secrets_log=self._keylog.file if self._keylog is not None else None,
             )
         return self._quic_settings
 

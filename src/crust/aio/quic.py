@@ -22,7 +22,7 @@ import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TextIO
 
 from aioquic.quic import events as qe
 from aioquic.quic.configuration import QuicConfiguration
@@ -36,6 +36,7 @@ from cryptography.x509.oid import NameOID
 
 from crust import errors
 from crust.aio.connection import Connection
+from crust.aio.keylog import track_first_random
 from crust.aio.udp_mux import CID_LENGTH, Address, UdpMux
 from crust.contact import format_address
 
@@ -69,13 +70,20 @@ class QuicSettings:
     private_key: ec.EllipticCurvePrivateKey
     idle_timeout: float
     handshake_timeout: float
+    secrets_log: TextIO | None = None
+    """The key log (``Config.keylog_file``): aioquic appends TLS secrets in NSS format."""
 
     @classmethod
     def self_signed(
-        cls, network_name: str, *, idle_timeout: float, handshake_timeout: float
+        cls,
+        network_name: str,
+        *,
+        idle_timeout: float,
+        handshake_timeout: float,
+        secrets_log: TextIO | None = None,
     ) -> QuicSettings:
         cert, key = self_signed_certificate()
-        return cls(alpn_for(network_name), cert, key, idle_timeout, handshake_timeout)
+        return cls(alpn_for(network_name), cert, key, idle_timeout, handshake_timeout, secrets_log)
 
     def configuration(self, *, is_client: bool) -> QuicConfiguration:
         config = QuicConfiguration(
@@ -85,6 +93,7 @@ class QuicSettings:
             idle_timeout=self.idle_timeout,
             max_data=16 * 1024 * 1024,
             max_stream_data=8 * 1024 * 1024,
+            secrets_log_file=self.secrets_log,
         )
         if is_client:
             # identity comes from the Noise XX handshake inside the stream, not from TLS
@@ -190,6 +199,7 @@ class QuicLink:
         quic = QuicConnection(configuration=settings.configuration(is_client=True))
         link = cls(mux, quic, remote, settings)
         quic.connect(remote, now=link._loop.time())
+        track_first_random(quic)  # key log only: TLS secrets also under the first random
         link._stream_id = quic.get_next_available_stream_id()
         link._transmit()
         return link

@@ -19,6 +19,7 @@ from rich.logging import RichHandler
 import crust
 from crust.cli.demo import run_demo
 from crust.cli.node import NodeOptions, run_node
+from crust.cli.wireshark import wireshark_plugin_command
 from crust.config import Config, default_identity_path
 from crust.errors import ConfigError
 from crust.identity import Identity
@@ -202,6 +203,8 @@ def demo_command() -> None:
     """Show crust at work on loopback: no setup, no root, no files."""
     sys.exit(asyncio.run(run_demo()))
 
+
+main.add_command(wireshark_plugin_command)
 
 if __name__ == "__main__":
     main(prog_name="crust")
