@@ -19,7 +19,7 @@
 --         <key r->i>", 32-byte values in hex) and their frames decoded.  AES is done here in
 --         plain Lua (Wireshark 4.0's Lua has no cipher API); the GCM tag is not checked.
 --   UDP   crust's clear control datagrams (beacon, punch, address echo) do not exist yet;
---         see crust_dissector.register_udp_message() below for the hook they plug into.
+--         see _G.crust_dissector.register_udp_message() below for the hook they plug into.
 
 -- Loaded twice (installed plugin and -X lua_script)?  Keep the first copy.
 do
@@ -769,7 +769,7 @@ register_alpns()
 -- on the wire yet.  They share the QUIC socket, so a control datagram's first byte has both
 -- top bits clear (neither QUIC's long-header bit 0x80 nor its fixed bit 0x40).  When one is
 -- defined, describe it with
---     crust_dissector.register_udp_message(prefix, name, function(tvb, pinfo, tree) ... end)
+--     _G.crust_dissector.register_udp_message(prefix, name, function(tvb, pinfo, tree) ... end)
 -- where prefix is the clear bytes that start every datagram of that kind; the heuristic
 -- below then claims such datagrams on any UDP port and calls the function.
 
@@ -791,9 +791,11 @@ local function heuristic_udp(tvb, pinfo, tree)
     return false
 end
 
-crust_dissector = crust_dissector or {}
+-- Each Lua script has its own globals in Wireshark: the hook lives in _G.
+local api = rawget(_G, "crust_dissector") or {}
+_G.crust_dissector = api
 
-function crust_dissector.register_udp_message(prefix, name, dissect)
+function api.register_udp_message(prefix, name, dissect)
     assert(type(prefix) == "string" and #prefix > 0, "prefix: non-empty string")
     assert(prefix:byte(1) < 0x40, "prefix: first byte must have both top bits clear")
     table.insert(udp_messages, { prefix = prefix, name = name, dissect = dissect })
