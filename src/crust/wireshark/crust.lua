@@ -168,21 +168,31 @@ local function gcm_decrypt(round_keys, counter, ciphertext)
     local out = {}
     local len = #ciphertext
     local block = 2
-    local chunk = {}
-    for pos = 1, len, 16 do
+    local byte, char = string.byte, string.char
+    local full_end = len - len % 16
+    for pos = 1, full_end, 16 do
         local k0, k1, k2, k3 = aes256_encrypt(round_keys, 0, n_hi, n_lo, block)
         block = block + 1
-        local ks = { k0, k1, k2, k3 }
-        local n = math.min(16, len - pos + 1)
-        for i = 0, n - 1 do
-            local word = ks[rshift(i, 2) + 1]
-            local kb = band(rshift(word, 24 - 8 * (i % 4)), 0xff)
-            chunk[i + 1] = bxor(ciphertext:byte(pos + i), kb)
+        local c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15, c16 =
+            byte(ciphertext, pos, pos + 15)
+        out[#out + 1] = char(
+            bxor(c1, rshift(k0, 24)), bxor(c2, band(rshift(k0, 16), 0xff)),
+            bxor(c3, band(rshift(k0, 8), 0xff)), bxor(c4, band(k0, 0xff)),
+            bxor(c5, rshift(k1, 24)), bxor(c6, band(rshift(k1, 16), 0xff)),
+            bxor(c7, band(rshift(k1, 8), 0xff)), bxor(c8, band(k1, 0xff)),
+            bxor(c9, rshift(k2, 24)), bxor(c10, band(rshift(k2, 16), 0xff)),
+            bxor(c11, band(rshift(k2, 8), 0xff)), bxor(c12, band(k2, 0xff)),
+            bxor(c13, rshift(k3, 24)), bxor(c14, band(rshift(k3, 16), 0xff)),
+            bxor(c15, band(rshift(k3, 8), 0xff)), bxor(c16, band(k3, 0xff)))
+    end
+    if full_end < len then
+        local ks = { aes256_encrypt(round_keys, 0, n_hi, n_lo, block) }
+        local tail = {}
+        for i = 0, len - full_end - 1 do
+            local kb = band(rshift(ks[rshift(i, 2) + 1], 24 - 8 * (i % 4)), 0xff)
+            tail[i + 1] = bxor(byte(ciphertext, full_end + 1 + i), kb)
         end
-        for i = n + 1, 16 do
-            chunk[i] = nil
-        end
-        out[#out + 1] = string.char(table.unpack(chunk, 1, n))
+        out[#out + 1] = char(table.unpack(tail))
     end
     return table.concat(out)
 end
@@ -191,7 +201,6 @@ end
 
 local crust = Proto("crust", "crust peer-to-peer protocol")
 
-local VERSIONS = { [1] = "1" }
 local STATUS = { [0] = "OK", [1] = "network mismatch", [2] = "version unsupported" }
 local DIRECTION = { [0] = "initiator to responder", [1] = "responder to initiator" }
 local HANDSHAKE = { [1] = "-> e", [2] = "<- e, ee, s, es", [3] = "-> s, se" }
@@ -206,7 +215,7 @@ local CLOSE_CODE = {
 
 local F = {
     magic = ProtoField.string("crust.magic", "Magic"),
-    version = ProtoField.uint8("crust.version", "Version", base.DEC, VERSIONS),
+    version = ProtoField.uint8("crust.version", "Version"),
     network_tag = ProtoField.bytes("crust.network_tag", "Network tag"),
     direction = ProtoField.uint8("crust.direction", "Direction", base.DEC, DIRECTION),
     transport = ProtoField.string("crust.transport", "Transport"),
@@ -682,12 +691,12 @@ local function looks_like_header(tvb)
 end
 
 -- The session this packet belongs to; a clear header starts a new one (also when an
--- address/port pair is reused by a later connection).
+-- address/port pair is reused by a later connection of the same initiator).
 local function find_session(tvb, pinfo, transport)
     local id = session_id(pinfo)
     local session = sessions[id]
-    if not pinfo.visited and looks_like_header(tvb)
-        and (session == nil or session[0].phase ~= HEADER) then
+    if not pinfo.visited and looks_like_header(tvb) and (session == nil
+        or (session[0].phase ~= HEADER and session.initiator == endpoint(pinfo))) then
         session = new_session(pinfo, transport)
         sessions[id] = session
     end
