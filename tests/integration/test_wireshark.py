@@ -633,3 +633,27 @@ def test_plugin_folder_fallback_without_tshark(tmp_path: Path) -> None:
     )
     missing = personal_plugin_dir(tshark=str(tmp_path / "no-tshark"), env=env)
     assert missing == tmp_path / ".local" / "lib" / "wireshark" / "plugins"
+
+
+# ------------------------------------------------------------------ key log and the service
+
+
+async def test_unopenable_key_log_fails_the_start_naming_the_field(tmp_path: Path) -> None:
+    cfg = crust.Config.for_testing(keylog_file=tmp_path / "no-such-dir" / "keys.log")
+    with pytest.raises(crust.errors.ConfigError) as info:
+        async with Service(cfg):
+            pass
+    assert info.value.field == "keylog_file"
+
+
+async def test_both_sides_log_the_same_session_keys(tmp_path: Path) -> None:
+    cfg = crust.Config.for_testing(listen=("tcp://127.0.0.1:0",))
+    log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
+    async with (
+        Service(cfg.replace(keylog_file=log_a)) as a,
+        Service(cfg.replace(keylog_file=log_b)) as b,
+    ):
+        await asyncio.wait_for(b.connect(a.contacts()[0]), TIMEOUT)
+    lines_a, lines_b = log_a.read_text().splitlines(), log_b.read_text().splitlines()
+    assert len(lines_a) == 1 and lines_a == lines_b
+    assert lines_a[0].startswith("CRUST_NOISE ")
