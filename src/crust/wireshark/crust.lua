@@ -748,9 +748,9 @@ crust:register_heuristic("tcp", heuristic_tcp)
 local registered_alpns = {}
 
 local function register_alpns()
-    local table_ = DissectorTable.get("quic.proto")
-    if table_ == nil then
-        return
+    local ok, table_ = pcall(DissectorTable.get, "quic.proto")
+    if not ok or table_ == nil then
+        return -- a Wireshark without QUIC: TCP only
     end
     for _, alpn in ipairs(registered_alpns) do
         table_:remove(alpn, crust)
