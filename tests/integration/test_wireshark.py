@@ -657,3 +657,39 @@ async def test_both_sides_log_the_same_session_keys(tmp_path: Path) -> None:
     lines_a, lines_b = log_a.read_text().splitlines(), log_b.read_text().splitlines()
     assert len(lines_a) == 1 and lines_a == lines_b
     assert lines_a[0].startswith("CRUST_NOISE ")
+
+
+def test_punch_and_address_echo_datagrams(tmp_path: Path) -> None:
+    """crust's clear hole-punch datagrams (``0x2a "cp1" | kind | token`` + padding or the
+    address seen), on any UDP port; malformed ones are flagged, not dissected as valid."""
+    magic, token = b"\x2acp1", bytes(range(16))
+    v6 = socket.inet_pton(socket.AF_INET6, "2001:db8::7")
+    datagrams = [
+        magic + b"\x01" + token,  # PROBE
+        magic + b"\x02" + token,  # ACK
+        magic + b"\x03" + token + bytes(24),  # ECHO_REQUEST
+        magic + b"\x04" + token + b"\x04" + struct.pack(">H", 4242) + bytes([198, 51, 100, 7]),
+        magic + b"\x04" + token + b"\x06" + struct.pack(">H", 5483) + v6,
+        magic + b"\x04" + token + b"\x04\x00",  # truncated address
+        magic + b"\x01",  # truncated token
+    ]
+    pcap = tmp_path / "punch.pcap"
+    write_pcap(pcap, [(0, 0, udp_packet(43000 + i, 43100, d)) for i, d in enumerate(datagrams)])
+    decoded = tshark(pcap, tmp_path)
+    assert [pkt.layers.get("crust.punch.kind") for pkt in decoded] == [
+        ["1"],
+        ["2"],
+        ["3"],
+        ["4"],
+        ["4"],
+        ["4"],
+        None,
+    ]
+    assert all(pkt.layers["crust.punch.token"] == [token.hex(":")] for pkt in decoded[:6])
+    assert decoded[3].layers["crust.punch.ipv4"] == ["198.51.100.7"]
+    assert decoded[3].layers["crust.punch.port"] == ["4242"]
+    assert decoded[4].layers["crust.punch.ipv6"] == ["2001:db8::7"]
+    assert decoded[4].layers["crust.punch.port"] == ["5483"]
+    messages = [pkt.layers.get("_ws.expert.message") for pkt in decoded[5:]]
+    assert messages == [["bad address in an echo reply"], ["shorter than a punch datagram"]]
+    assert not [pkt for pkt in decoded[5:] if "crust.punch.port" in pkt.layers]

@@ -18,8 +18,9 @@
 --         decrypted (lines "CRUST_NOISE <initiator ephemeral> <handshake hash> <key i->r>
 --         <key r->i>", 32-byte values in hex) and their frames decoded.  AES is done here in
 --         plain Lua (Wireshark 4.0's Lua has no cipher API); the GCM tag is not checked.
---   UDP   crust's clear control datagrams (beacon, punch, address echo) do not exist yet;
---         see _G.crust_dissector.register_udp_message() below for the hook they plug into.
+--   UDP   crust's clear control datagrams, on any port: hole-punch probes and the address
+--         echo ("\x2a" "cp1" | kind | token ...); other kinds (the LAN beacon) plug into
+--         _G.crust_dissector.register_udp_message(), see below.
 
 -- Loaded twice (installed plugin and -X lua_script)?  Keep the first copy.
 do
@@ -242,6 +243,14 @@ local F = {
     fr_close_reason = ProtoField.string("crust.frame.close_reason", "Close reason"),
     data = ProtoField.bytes("crust.data", "Data after the handshake failed"),
     other_stream = ProtoField.bytes("crust.quic.other_stream", "Data on another QUIC stream"),
+    punch_kind = ProtoField.uint8("crust.punch.kind", "Punch datagram", base.DEC,
+        { [1] = "PROBE", [2] = "ACK", [3] = "ECHO_REQUEST", [4] = "ECHO_REPLY" }),
+    punch_token = ProtoField.bytes("crust.punch.token", "Token"),
+    punch_padding = ProtoField.bytes("crust.punch.padding", "Padding"),
+    punch_family = ProtoField.uint8("crust.punch.family", "Address seen: IP version"),
+    punch_port = ProtoField.uint16("crust.punch.port", "Address seen: port"),
+    punch_ipv4 = ProtoField.ipv4("crust.punch.ipv4", "Address seen: IPv4"),
+    punch_ipv6 = ProtoField.ipv6("crust.punch.ipv6", "Address seen: IPv6"),
 }
 crust.fields = {}
 for _, field in pairs(F) do
@@ -774,10 +783,9 @@ end
 register_alpns()
 
 -- ---------------------------------------------------------------- UDP control datagrams
--- crust's clear UDP control datagrams (LAN beacon, hole-punch probes, address echo) are not
--- on the wire yet.  They share the QUIC socket, so a control datagram's first byte has both
--- top bits clear (neither QUIC's long-header bit 0x80 nor its fixed bit 0x40).  When one is
--- defined, describe it with
+-- crust's clear UDP control datagrams share the QUIC socket, so a control datagram's first
+-- byte has both top bits clear (neither QUIC's long-header bit 0x80 nor its fixed bit 0x40).
+-- Each kind is described with
 --     _G.crust_dissector.register_udp_message(prefix, name, function(tvb, pinfo, tree) ... end)
 -- where prefix is the clear bytes that start every datagram of that kind; the heuristic
 -- below then claims such datagrams on any UDP port and calls the function.
@@ -793,6 +801,7 @@ local function heuristic_udp(tvb, pinfo, tree)
             pinfo.cols.protocol = "crust"
             pinfo.cols.info:set(msg.name)
             local t = tree:add(crust, tvb(), "crust " .. msg.name)
+            t:add(F.transport, "udp"):set_generated()
             msg.dissect(tvb, pinfo, t)
             return true
         end
@@ -813,3 +822,42 @@ function api.register_udp_message(prefix, name, dissect)
         udp_heuristic_registered = true
     end
 end
+
+-- Hole punching and address echo: "\x2a" "cp1" | kind u8 | token (16 bytes); an ECHO_REQUEST
+-- is padded with 24 zero bytes, an ECHO_REPLY carries the address seen: IP version u8 (4 or
+-- 6) | port u16 | address (4 or 16 bytes).
+local PUNCH_KINDS = { [1] = "PROBE", [2] = "ACK", [3] = "ECHO_REQUEST", [4] = "ECHO_REPLY" }
+
+api.register_udp_message("\42cp1", "punch", function(tvb, pinfo, tree)
+    local len = tvb:len()
+    if len < 21 then
+        tree:add_proto_expert_info(E.malformed, "shorter than a punch datagram")
+        return
+    end
+    local kind = tvb(4, 1):uint()
+    tree:add(F.punch_kind, tvb(4, 1))
+    tree:add(F.punch_token, tvb(5, 16))
+    local text = "Punch " .. (PUNCH_KINDS[kind] or ("kind " .. kind))
+    if kind == 3 and len > 21 then
+        tree:add(F.punch_padding, tvb(21))
+    elseif kind == 4 then
+        local family = len >= 22 and tvb(21, 1):uint() or 0
+        local want = family == 4 and 28 or family == 6 and 40 or -1
+        if len ~= want then
+            tree:add_proto_expert_info(E.malformed, "bad address in an echo reply")
+        else
+            tree:add(F.punch_family, tvb(21, 1))
+            tree:add(F.punch_port, tvb(22, 2))
+            if family == 4 then
+                tree:add(F.punch_ipv4, tvb(24, 4))
+                text = text .. " " .. tostring(tvb(24, 4):ipv4()) .. ":" .. tvb(22, 2):uint()
+            else
+                tree:add(F.punch_ipv6, tvb(24, 16))
+                text = text .. " [" .. tostring(tvb(24, 16):ipv6()) .. "]:" .. tvb(22, 2):uint()
+            end
+        end
+    elseif len > 21 then
+        tree:add_proto_expert_info(E.malformed, "trailing bytes in a punch datagram")
+    end
+    pinfo.cols.info:set(text)
+end)
