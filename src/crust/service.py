@@ -13,6 +13,7 @@ from typing import Any
 from crust import errors
 from crust.aio.connection import Connection, closed_reason
 from crust.aio.eventqueue import EventQueue, EventStream
+from crust.aio.keylog import KeyLog
 from crust.aio.quic import QuicLink, QuicSettings
 from crust.aio.stun import StunDispatcher
 from crust.aio.tcp import TcpProtocol, sock_contact
@@ -130,6 +131,7 @@ class Service:
         self._client_muxes: dict[str, UdpMux] = {}
         """Client-only QUIC sockets (by bind host) when no listener fits a destination."""
         self._quic_settings: QuicSettings | None = None
+        self._keylog: KeyLog | None = None
         self._endpoints: list[EndpointPair] = []
         self._known: dict[PeerId, list[str]] = {}
         self._counters = _Counters()
@@ -163,6 +165,9 @@ class Service:
     async def start(self) -> None:
         if self._running or self._closed:
             raise errors.ServiceClosed("a service starts once")
+        if self.config.keylog_file is not None:
+            self._keylog = KeyLog.open(self.config.keylog_file)
+            self._params.keylog = self._keylog.write_noise
         self._tg = asyncio.TaskGroup()
         await self._tg.__aenter__()
         self._running = True
@@ -214,6 +219,8 @@ class Service:
         for conn in list(self._ready):
             self._fail_ready(conn, errors.ServiceClosed("service closed"))
         self._events.close()
+        if self._keylog is not None:
+            self._keylog.close()
 
     def _closed_future(self, conn: Connection) -> asyncio.Future[None]:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -277,7 +284,10 @@ class Service:
         the Noise handshake inside the stream). ConfigError names a bad field."""
         if self._quic_settings is None:
             self._quic_settings = QuicSettings.from_config(
-                self.config, self.identity, trust=self._quic_trust
+                self.config,
+                self.identity,
+                trust=self._quic_trust,
+                secrets_log=self._keylog.file if self._keylog is not None else None,
             )
         return self._quic_settings
 

@@ -27,7 +27,7 @@ import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TextIO
 
 from aioquic.quic import events as qe
 from aioquic.quic.configuration import QuicConfiguration
@@ -41,6 +41,7 @@ from cryptography.x509.oid import NameOID
 
 from crust import errors
 from crust.aio.connection import Connection
+from crust.aio.keylog import track_first_random
 from crust.aio.udp_mux import CID_LENGTH, Address, UdpMux
 from crust.ca import (
     NodeKey,
@@ -101,6 +102,8 @@ class QuicSettings:
     private_key: NodeKey
     idle_timeout: float
     handshake_timeout: float
+    secrets_log: TextIO | None = None
+    """The key log (``Config.keylog_file``): aioquic appends TLS secrets in NSS format."""
     mode: str = SELF_SIGNED
     """``quic_certificates``: what the TLS layer verifies (docs/design.md, "QUIC
     certificate modes")."""
@@ -116,6 +119,7 @@ class QuicSettings:
         identity: Identity,
         *,
         trust: TrustStore | None = None,
+        secrets_log: TextIO | None = None,
     ) -> QuicSettings:
         """The QUIC/TLS side of a service. ``trust`` replaces the system roots in
         ``public-ca`` mode. Raises ConfigError naming the config field at fault."""
@@ -124,7 +128,10 @@ class QuicSettings:
         mode = config.quic_certificates
         if mode == SELF_SIGNED:
             return cls.self_signed(
-                config.network_name, idle_timeout=idle, handshake_timeout=config.handshake_timeout
+                config.network_name,
+                idle_timeout=idle,
+                handshake_timeout=config.handshake_timeout,
+                secrets_log=secrets_log,
             )
         if config.quic_certificate_file is None or config.quic_private_key_file is None:
             raise errors.ConfigError(f"required in {mode!r} mode", "quic_certificate_file")
@@ -161,14 +168,20 @@ class QuicSettings:
             mode=mode,
             chain=creds.chain,
             trust=trust,
+            secrets_log=secrets_log,
         )
 
     @classmethod
     def self_signed(
-        cls, network_name: str, *, idle_timeout: float, handshake_timeout: float
+        cls,
+        network_name: str,
+        *,
+        idle_timeout: float,
+        handshake_timeout: float,
+        secrets_log: TextIO | None = None,
     ) -> QuicSettings:
         cert, key = self_signed_certificate()
-        return cls(alpn_for(network_name), cert, key, idle_timeout, handshake_timeout)
+        return cls(alpn_for(network_name), cert, key, idle_timeout, handshake_timeout, secrets_log)
 
     @property
     def requests_client_certificate(self) -> bool:
@@ -185,6 +198,7 @@ class QuicSettings:
             idle_timeout=self.idle_timeout,
             max_data=16 * 1024 * 1024,
             max_stream_data=8 * 1024 * 1024,
+            secrets_log_file=self.secrets_log,
         )
         if self.mode == SELF_SIGNED:
             if is_client:
@@ -426,6 +440,7 @@ class QuicLink:
         link.pin = pin
         link.server_name = server_name
         quic.connect(remote, now=link._loop.time())
+        track_first_random(quic)  # key log only: TLS secrets also under the first random
         link._stream_id = quic.get_next_available_stream_id()
         link._transmit()
         return link

@@ -21,6 +21,7 @@ from crust.cli.ca import ca_group
 from crust.cli.demo import run_demo
 from crust.cli.netcheck import netcheck_command
 from crust.cli.node import NodeOptions, run_node
+from crust.cli.wireshark import wireshark_plugin_command
 from crust.config import Config, default_identity_path
 from crust.errors import ConfigError
 from crust.identity import Identity
@@ -207,6 +208,7 @@ def demo_command() -> None:
 
 main.add_command(ca_group)
 main.add_command(netcheck_command)
+main.add_command(wireshark_plugin_command)
 
 if __name__ == "__main__":
     main(prog_name="crust")

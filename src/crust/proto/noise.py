@@ -43,6 +43,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
+from dataclasses import dataclass
 from typing import Final
 
 from cryptography.exceptions import InvalidTag
@@ -61,6 +62,7 @@ __all__ = [
     "TAG_LEN",
     "CipherState",
     "HandshakeState",
+    "TransportKeys",
 ]
 
 PROTOCOL_NAME: bytes = b"Noise_XX_25519_AESGCM_SHA256"
@@ -289,10 +291,28 @@ class _SymmetricState:
         self.mix_hash(ciphertext)
         return plaintext
 
-    def split(self) -> tuple[CipherState, CipherState]:
-        """The two transport cipher states ``(c1, c2)``."""
-        k1, k2 = _hkdf2(self.ck, b"")
-        return CipherState(k1), CipherState(k2)
+    def split(self) -> tuple[bytes, bytes]:
+        """The two raw transport keys ``(k1, k2)`` (Noise uses their first 32 bytes)."""
+        return _hkdf2(self.ck, b"")
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class TransportKeys:
+    """Everything needed to decrypt one session's transport messages, for a key log.
+
+    ``initiator_ephemeral`` is the 32-byte key sent in clear in message 1, so a capture tool
+    can find the keys of the session it sees; the two keys are the AES-256-GCM keys of each
+    direction (nonce: 4 zero bytes, then the 64-bit big-endian message counter from 0).
+    """
+
+    initiator_ephemeral: bytes
+    handshake_hash: bytes
+    initiator_to_responder: bytes
+    responder_to_initiator: bytes
+
+    def __repr__(self) -> str:
+        """Never show the keys."""
+        return f"TransportKeys(initiator_ephemeral={self.initiator_ephemeral.hex()[:16]}...)"
 
 
 class HandshakeState:
@@ -464,12 +484,21 @@ class HandshakeState:
 
     def split(self) -> tuple[CipherState, CipherState]:
         """Transport ciphers ``(send, receive)`` for this side; only once, after finishing."""
+        keys = self.split_keys()
+        c1 = CipherState(keys.initiator_to_responder)
+        c2 = CipherState(keys.responder_to_initiator)
+        return (c1, c2) if self.initiator else (c2, c1)
+
+    def split_keys(self) -> TransportKeys:
+        """The raw transport keys (for a key log) instead of ciphers; only once, after
+        finishing.  Build the ciphers with ``CipherState(key)``, or call :meth:`split`."""
         if not self.finished:
             raise ProtocolError("handshake not finished")
         if self._split_done:
             raise ProtocolError("split() may only be called once")
-        c1, c2 = self._sym.split()
+        k1, k2 = self._sym.split()
         self._split_done = True
         self._sym.ck = bytes(HASH_LEN)  # the chaining key is no longer needed
         self._e = None
-        return (c1, c2) if self.initiator else (c2, c1)
+        ephemeral = self._e_pub if self.initiator else self._remote(self._re)
+        return TransportKeys(ephemeral, self._sym.h, k1, k2)

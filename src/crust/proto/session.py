@@ -30,6 +30,7 @@ import enum
 import hashlib
 import struct
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,7 +47,7 @@ from crust.errors import (
 )
 from crust.events import MessageReceived
 from crust.identity import Identity, PeerId
-from crust.proto.noise import TAG_LEN, CipherState, HandshakeState
+from crust.proto.noise import TAG_LEN, CipherState, HandshakeState, TransportKeys
 
 MAGIC = b"CRST"
 VERSION = 1
@@ -182,6 +183,9 @@ class SessionParams:
     send_queue_size: int = 16 * 1024 * 1024
     hello_extra: dict[str, Any] = field(default_factory=dict)
     """Extra hello fields (contacts, role); bounded by MAX_HELLO when encoded."""
+    keylog: Callable[[TransportKeys], None] | None = None
+    """Debugging only: called with every session's transport keys when its handshake
+    completes (the asyncio layer writes them to ``Config.keylog_file``)."""
 
     def __post_init__(self) -> None:
         from cryptography.hazmat.primitives import serialization
@@ -561,8 +565,14 @@ class Session:
     def _establish(self, now: float) -> None:
         noise = self._noise
         assert noise is not None and self.peer_id is not None
-        self._send, self._recv = noise.split()
-        self.handshake_hash = noise.handshake_hash
+        keys = noise.split_keys()
+        mine, theirs = keys.initiator_to_responder, keys.responder_to_initiator
+        if not self.initiator:
+            mine, theirs = theirs, mine
+        self._send, self._recv = CipherState(mine), CipherState(theirs)
+        self.handshake_hash = keys.handshake_hash
+        if self.params.keylog is not None:
+            self.params.keylog(keys)
         self._noise = None
         self.state = State.ESTABLISHED
         self._next_ping = now + self.params.heartbeat_interval
