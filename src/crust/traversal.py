@@ -570,7 +570,6 @@ class Traversal:
         """Run the plan's timer until it expires or the peer is connected."""
         plan = punch.plan
         assert plan is not None
-        mux = self._listener_mux()
         while not plan.done:
             if punch.peer in self.svc._active:
                 plan.finish()
@@ -582,13 +581,19 @@ class Traversal:
             if delay:
                 await asyncio.sleep(delay)
             plan.handle_timer(self._loop.time())
-            self._run_actions(punch, mux)
+            self._run_actions(punch, None)
 
-    def _run_actions(self, punch: _Punch, mux: UdpMux | None) -> None:
+    def _run_actions(self, punch: _Punch, via: UdpMux | None) -> None:
+        """Carry out the plan's actions; UDP ones from ``via`` (the socket a datagram came
+        in on) or else the listener socket of the destination's address family."""
         plan = punch.plan
         if plan is None:
             return
         for action in plan.actions():
+            mux = via
+            if mux is None and isinstance(action, pp.SendProbe | pp.DialQuic):
+                family = socket.AF_INET6 if ":" in action.address[0] else socket.AF_INET
+                mux = self._listener_mux(family)
             if isinstance(action, pp.SendProbe):
                 if mux is not None and not mux.closed:
                     with contextlib.suppress(OSError):

@@ -16,7 +16,7 @@ import pytest
 from tests.lab import netlab
 from tests.lab.conftest import LabFactory
 from tests.lab.matrix import CONE_TYPES, SCHEMES, PunchLab, pairs, summarize
-from tests.lab.netlab import HostSpec, LabSpec, NatType, RouterSpec, pair_spec
+from tests.lab.netlab import HostSpec, LabSpec, NatType, RouterSpec, pair_spec, pair_spec6
 from tests.nodeproc import CLI
 
 pytestmark = pytest.mark.lab
@@ -40,14 +40,15 @@ def test_cone_pairs_always_connect_directly(
     ("nat_a", "nat_b"), [("port-restricted", "symmetric"), ("symmetric", "symmetric")]
 )
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_symmetric_pairs_fail_cleanly_or_connect(
+def test_symmetric_pairs_connect_relayed_at_worst(
     lab_factory: LabFactory, tmp_path: Path, nat_a: NatType, nat_b: NatType, scheme: str
 ) -> None:
-    """Not this issue's goal (port prediction, birthday probing and relays come next), but
-    they must end with HolePunchFailed, never hang."""
+    """No direct path exists yet for these (port prediction and birthday probing come next):
+    the punch gives up after its rounds, never hangs, and the public node relays."""
     plab = PunchLab(lab_factory(pair_spec(nat_a, nat_b)), tmp_path)
     r = plab.trial(nat_a, nat_b, scheme)
-    assert r.ok or r.error.startswith("HolePunchFailed"), r
+    assert r.ok, r
+    assert r.path in ("punched", "relayed"), r
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
@@ -109,3 +110,22 @@ def test_netcheck_reports_the_nat_the_lab_built(
     crust_obs = next(o for o in report["observers"] if o["kind"] == "crust")
     assert crust_obs["ok"] and crust_obs["udp"] and crust_obs["latency"] > 0
     assert crust_obs["mapped"].split("://")[1].startswith(f"{wan}:")
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_ipv6_hosts_behind_stateful_firewalls_punch(
+    lab_factory: LabFactory, tmp_path: Path, scheme: str
+) -> None:
+    """No NAT, but firewalls that drop unsolicited inbound (as home routers do for IPv6):
+    the same introduction and punch open both, over IPv6 only."""
+    lab = lab_factory(pair_spec6())
+    plab = PunchLab(lab, tmp_path, ipv6=True)
+    for _ in range(2):
+        r = plab.trial("firewall6", "firewall6", scheme)
+        assert r.ok and r.path == "punched" and r.transport == scheme, r
+    with plab.pair(scheme) as (a, b):
+        a.command(cmd="connect", to=b.peer_id, id="c")
+        a.expect("connected", id="c")
+        a.command(cmd="peers")
+        peers = {p["peer"]: p for p in a.expect("peers")["peers"]}
+        assert f"[{lab.address6('b')}]" in peers[b.peer_id]["remote"]
