@@ -49,6 +49,7 @@ class RelayLink:
         self._window = window
         self._paused_in: deque[bytes] | None = None
         self._closing = False
+        self._drain_then_close = False
         self._write_paused = False
 
     # ----------------------------------------------------------- StreamTransport
@@ -63,7 +64,12 @@ class RelayLink:
         self._pump()
 
     def close(self) -> None:
-        self._shut(send=True)
+        """Graceful: what is already written still goes out (as credit allows), then the
+        circuit closes."""
+        if not self._out:
+            self._shut(send=True)
+        else:
+            self._drain_then_close = True
 
     def abort(self) -> None:
         self._shut(send=True)
@@ -78,7 +84,7 @@ class RelayLink:
             self._deliver(held.popleft())
 
     def is_closing(self) -> bool:
-        return self._closing
+        return self._closing or self._drain_then_close
 
     # ----------------------------------------------------------- from the node
 
@@ -105,6 +111,9 @@ class RelayLink:
             chunk = self._out.popleft()
             self._credit -= len(chunk)
             _send(self.node, {"t": "rd", "c": self.cid, "d": chunk})
+        if self._drain_then_close and not self._out:
+            self._shut(send=True)
+            return
         conn = self.conn
         if conn is None:
             return

@@ -57,6 +57,8 @@ log = logging.getLogger("crust")
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 MAX_KNOWN_PEERS = 4096
 MAX_CONTACTS_PER_PEER = 16
+HANDOVER_TIMEOUT = 10.0
+"""How long the greater peer id waits for the other side to close a replaced relayed path."""
 
 
 class _Counters:
@@ -125,6 +127,10 @@ class Service:
         self._peer_waiters: dict[PeerId, list[asyncio.Future[None]]] = {}
         self._pongs: dict[Connection, asyncio.Event] = {}
         self._replaced: set[Connection] = set()
+        self._handover: dict[Connection, list[MessageReceived]] = {}
+        self._draining: set[Connection] = set()
+        """Replaced (relayed) connections still delivering what was in flight."""
+        """Connections whose messages wait for the connection they replace to drain."""
         self._servers: list[asyncio.Server] = []
         self._muxes: list[UdpMux] = []
         """QUIC listeners: one UDP socket each, also used to dial out."""
@@ -689,6 +695,25 @@ class Service:
             await self._wait_peer(peer)
             return peer
 
+    async def _wait_direct(self, peer: PeerId) -> None:
+        """Until ``peer`` is connected by anything but a relay."""
+        while True:
+            conn = self._active.get(peer)
+            if conn is not None and conn.path != "relayed":
+                return
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._peer_waiters.setdefault(peer, []).append(fut)
+            try:
+                await fut
+            finally:
+                waiters = self._peer_waiters.get(peer)
+                if waiters is not None and fut in waiters:
+                    waiters.remove(fut)
+
+    def _is_direct(self, peer: PeerId) -> bool:
+        conn = self._active.get(peer)
+        return conn is not None and conn.path != "relayed"
+
     async def _wait_peer(self, peer: PeerId) -> None:
         if peer in self._active:
             return
@@ -818,8 +843,47 @@ class Service:
         conn.on_close.append(self._on_conn_closed)
         return conn
 
-    def deliver(self, event: MessageReceived) -> None:
-        self._events.put(event)
+    def deliver(self, event: MessageReceived, conn: Connection) -> None:
+        held = self._handover.get(conn)
+        if held is not None:
+            held.append(event)  # the replaced connection is still draining: keep order
+        elif conn.selected or conn in self._draining:
+            self._events.put(event)
+        # else: a connection never chosen (a losing duplicate) or disconnected by us
+
+    def _start_handover(self, old: Connection, new: Connection) -> None:
+        """``new`` replaces the open connection ``old`` to the same peer (a direct path found
+        while relayed): ``old`` closes cleanly — its queued messages still go out, then CLOSE —
+        and messages arriving on ``new`` wait until ``old`` is closed, so the application sees
+        every message once and in order across the switch."""
+        self._handover[new] = []
+
+        def release(_: Connection) -> None:
+            self._draining.discard(old)
+            held = self._handover.pop(new, None)
+            for event in held or ():
+                self._events.put(event)
+
+        def forget(_: Connection) -> None:
+            self._handover.pop(new, None)
+
+        if old.closed:
+            release(old)
+            return
+        self._draining.add(old)
+        old.on_close.append(release)
+        new.on_close.append(forget)
+        self._replaced.add(old)
+        peer = new.peer_id
+        assert peer is not None
+        if self.peer_id < peer:
+            # the lesser id switches last (on SELECT): it closes the old path, and the greater
+            # side answers with whatever it still had queued there — no gap on either side
+            old.close(CloseCode.REPLACED, "replaced by a direct connection")
+        else:
+            asyncio.get_running_loop().call_later(
+                HANDOVER_TIMEOUT, old.close, CloseCode.REPLACED, "handover timed out"
+            )
 
     def session_event(self, conn: Connection, event: SessionEvent) -> None:
         if isinstance(event, HandshakeCompleted):
@@ -879,7 +943,7 @@ class Service:
         peer = conn.peer_id
         assert peer is not None
         old = self._active.get(peer)
-        if old is None or old.closed:
+        if old is None or old.closed or _upgrade(old, conn):
             self._select(conn)
             return
         self._spawn(self._probe_then_decide(conn, old))
@@ -924,7 +988,9 @@ class Service:
         old = self._active.get(peer)
         if old is conn:
             return
-        if old is not None:
+        if old is not None and _upgrade(old, conn):
+            self._start_handover(old, conn)
+        elif old is not None:
             self._replaced.add(old)
             old.close(CloseCode.REPLACED, "replaced by a newer connection")
         self._active[peer] = conn
@@ -936,6 +1002,8 @@ class Service:
             c.connects_inbound += 1
         c.by_path[conn.path] = c.by_path.get(conn.path, 0) + 1
         self._emit(PeerConnected(peer, conn.transport_name, conn.path, conn.outbound, conn.remote))
+        if conn.path == "relayed" and conn.outbound and self._traversal is not None:
+            self._traversal.relayed(peer)
         self._bootstrapper.connection_kept(peer, conn.remote, conn.path, conn.outbound)
         fut = self._ready.get(conn)
         if fut is not None and not fut.done():
@@ -961,6 +1029,17 @@ class Service:
             c.heartbeat_timeouts += 1
         if peer is not None and self._active.get(peer) is conn:
             del self._active[peer]
+            if (
+                conn.path == "relayed"
+                and event.code == CloseCode.REPLACED
+                and event.by_peer
+                and any(
+                    c.peer_id == peer and c is not conn and not c.closed and c.policy_ok
+                    for c in self._conns
+                )
+            ):
+                # the other side moved to a direct connection whose SELECT is on its way
+                self._replaced.add(conn)
             if conn not in self._replaced:
                 self._emit(PeerLost(peer, closed_reason(event)))
         self._fail_ready(conn, _ready_error(event))
@@ -1200,6 +1279,11 @@ def _ready_error(event: Closed) -> BaseException:
     if code == CloseCode.SELF:
         return errors.ConnectError("connected to ourselves")
     return errors.ConnectionClosed(f"closed before it was established ({closed_reason(event)})")
+
+
+def _upgrade(old: Connection, new: Connection) -> bool:
+    """A direct (or punched, or mapped) connection replaces a relayed one."""
+    return old.path == "relayed" and new.path != "relayed"
 
 
 def _target_text(target: object) -> str:

@@ -52,6 +52,8 @@ INTRO_TIMEOUT = 5.0
 NODES_TRIED = 3
 """Connected peers asked, one after another, to introduce us to a peer."""
 SYNC_WAIT = 10.0
+UPGRADE_DELAYS = (5.0, 30.0, 120.0, 600.0)
+"""Seconds before each attempt to replace a relayed connection by a punched one."""
 """How long the introduced side waits for ``sync`` after its ``ack``."""
 
 
@@ -122,6 +124,7 @@ class Traversal:
         self._seen_by: OrderedDict[PeerId, str] = OrderedDict()
         self._external_ips: list[str] = []
         self._punches: dict[PeerId, _Punch] = {}
+        self._upgrading: set[PeerId] = set()
         self._by_token: dict[bytes, _Punch] = {}
         self._echo_waiters: dict[bytes, asyncio.Future[Address]] = {}
         self._intro_waiters: dict[int, asyncio.Future[dict[str, Any]]] = {}
@@ -419,7 +422,7 @@ class Traversal:
                 SYNC_WAIT + pp.PunchParams().rounds * pp.PunchParams().round_duration
             ):
                 await punch.started.wait()
-                await self.svc._wait_peer(sender)
+                await self.svc._wait_direct(sender)
         except TimeoutError:
             pass
         finally:
@@ -429,7 +432,7 @@ class Traversal:
         svc = self.svc
         if not svc.config.hole_punching:
             return "hole punching disabled"
-        if peer in svc._active:
+        if svc._is_direct(peer):
             return "already connected"
         if peer in self._punches:
             return "punch already in progress"
@@ -541,7 +544,7 @@ class Traversal:
         """Wait until the peer is connected (any path) or the plan expires."""
         self.counters["punch_attempts"] += 1
         assert punch.task is not None
-        waiter = asyncio.ensure_future(self.svc._wait_peer(punch.peer))
+        waiter = asyncio.ensure_future(self.svc._wait_direct(punch.peer))
         try:
             done, _ = await asyncio.wait({waiter, punch.task}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -571,7 +574,7 @@ class Traversal:
         plan = punch.plan
         assert plan is not None
         while not plan.done:
-            if punch.peer in self.svc._active:
+            if self.svc._is_direct(punch.peer):
                 plan.finish()
                 return
             when = plan.get_timer()
@@ -599,9 +602,9 @@ class Traversal:
                     with contextlib.suppress(OSError):
                         mux.sendto(action.datagram, action.address)
             elif isinstance(action, pp.DialQuic):
-                if mux is not None and punch.peer not in self.svc._active:
+                if mux is not None and not self.svc._is_direct(punch.peer):
                     self.svc._spawn(self._dial_quic(punch, mux, action.address))
-            elif isinstance(action, pp.DialTcp) and punch.peer not in self.svc._active:
+            elif isinstance(action, pp.DialTcp) and not self.svc._is_direct(punch.peer):
                 self.svc._spawn(self._dial_tcp(punch, action.address))
 
     def punched_address(self, addr: Address, scheme: str) -> PeerId | None:
@@ -648,7 +651,7 @@ class Traversal:
         except (OSError, TimeoutError):
             sock.close()
             return
-        if punch.peer in svc._active:
+        if svc._is_direct(punch.peer):
             sock.close()
             return
         initiator = svc.peer_id < punch.peer
@@ -695,6 +698,29 @@ class Traversal:
             return None
         return peer, self.svc.peer_id < peer, self._punches[peer].outbound
 
+    # ================================================================ relay -> direct
+
+    def relayed(self, peer: PeerId) -> None:
+        """A relayed connection to ``peer`` is up: keep trying to go direct in the background
+        (the introduction rides on the node's connections; the punched connection then
+        replaces the relayed one without losing, duplicating or reordering a message)."""
+        if peer not in self._upgrading and self.svc.config.hole_punching:
+            self._upgrading.add(peer)
+            self.svc._spawn(self._upgrade_loop(peer))
+
+    async def _upgrade_loop(self, peer: PeerId) -> None:
+        try:
+            for delay in UPGRADE_DELAYS:
+                await asyncio.sleep(delay)
+                conn = self.svc._active.get(peer)
+                if conn is None or conn.path != "relayed":
+                    return
+                with contextlib.suppress(errors.CrustError):
+                    await self.punch(peer)
+                    return
+        finally:
+            self._upgrading.discard(peer)
+
     # ================================================================ out-of-band info
 
     async def prepare(self) -> pp.ConnectionInfo:
@@ -716,7 +742,7 @@ class Traversal:
         peer = theirs.peer_id
         if peer == self.svc.peer_id:
             raise errors.InvalidArgument("that connection info is our own")
-        if peer in self.svc._active:
+        if self.svc._is_direct(peer):
             return peer
         if not self.svc.config.hole_punching:
             raise errors.HolePunchFailed("hole punching is disabled (hole_punching = false)")

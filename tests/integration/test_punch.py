@@ -158,3 +158,31 @@ async def test_loopback_observations_are_not_external_addresses(
     await a.connect(b.contacts())
     assert all(ep.external is None for ep in a.endpoints())
     assert not wa.of(ExternalAddressChanged)
+
+
+@pytest.mark.parametrize("listen", [TCP, QUIC], ids=["tcp", "quic"])
+async def test_relayed_connection_upgrades_to_direct_without_losing_a_message(
+    make: Callable[..., Any], listen: Any
+) -> None:
+    _, (a, wa), (b, wb) = await trio(make, listen)
+    assert await a._relayed(b.peer_id) == b.peer_id
+    assert (await wa.wait(PeerConnected, lambda e: e.peer == b.peer_id)).path == "relayed"
+    assert (await wb.wait(PeerConnected, lambda e: e.peer == a.peer_id)).path == "relayed"
+    n = 300
+
+    async def stream(src: Any, dst: Any, tag: bytes) -> None:
+        for i in range(n):
+            await src.send(dst.peer_id, tag + i.to_bytes(4, "big") + bytes(3000))
+            if i % 10 == 0:
+                await asyncio.sleep(0)  # let the switch happen in the middle of the stream
+
+    upgrade = asyncio.ensure_future(a._traversal.punch(b.peer_id))
+    await asyncio.gather(stream(a, b, b"a"), stream(b, a, b"b"), upgrade)
+    for svc, w, other, tag in ((a, wa, b, b"b"), (b, wb, a, b"a")):
+        got = await w.messages(n, timeout=20)
+        assert [m.data[:5] for m in got] == [tag + i.to_bytes(4, "big") for i in range(n)]
+        ups = [e for e in w.of(PeerConnected) if e.peer == other.peer_id]
+        assert [e.path for e in ups] == ["relayed", "punched"]
+        assert not [e for e in w.of(PeerLost) if e.peer == other.peer_id]
+        assert svc.connection(other.peer_id).path == "punched"
+    assert a.statistics().punch_successes == 1

@@ -22,7 +22,7 @@ WRITE_CHUNK = 256 * 1024
 class Owner(Protocol):
     """What a connection reports to (the service)."""
 
-    def deliver(self, event: MessageReceived) -> None: ...
+    def deliver(self, event: MessageReceived, conn: Connection) -> None: ...
 
     def session_event(self, conn: Connection, event: SessionEvent) -> None: ...
 
@@ -173,7 +173,7 @@ class Connection:
         while events:
             ev = events.popleft()
             if type(ev) is MessageReceived:
-                owner.deliver(ev)
+                owner.deliver(ev, self)
             else:
                 owner.session_event(self, ev)
 
@@ -217,7 +217,13 @@ class Connection:
             if final is not None and final.code == CloseCode.TIMEOUT:
                 transport.abort()  # the peer is gone: do not wait to flush
             else:
-                transport.close()  # flushes what is written (the CLOSE frame), then FIN
+                # a clean close: what the session still holds (queued messages packed before
+                # CLOSE) is handed over even while writing is paused, then the transport
+                # flushes it all and closes
+                rest = self.session.data_to_send()
+                if rest:
+                    transport.writelines(rest)
+                transport.close()
         self._set_closed()
 
     def _set_closed(self) -> None:

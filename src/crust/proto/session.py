@@ -613,7 +613,7 @@ class Session:
             if kind == Kind.MSG:
                 if n > self.params.max_message_size:
                     raise ProtocolError("incoming message larger than max_message_size")
-                if self.state is State.ESTABLISHED:
+                if self.state is not State.CLOSED:  # also while closing: nothing is lost
                     events.append(MessageReceived(peer, bytes(plain[pos : pos + n]), prio))
                     self.messages_received += 1
             elif Kind.FIRST <= kind <= Kind.LAST:
@@ -648,7 +648,7 @@ class Session:
                 raise ProtocolError("message shorter than announced")
             del self._partials[prio]
             self._partial_in -= len(part.buf)
-            if self.state is State.ESTABLISHED:
+            if self.state is not State.CLOSED:
                 assert self.peer_id is not None
                 self.events.append(MessageReceived(self.peer_id, bytes(part.buf), prio))
                 self.messages_received += 1
@@ -673,9 +673,9 @@ class Session:
             if self.state is State.CLOSING:  # the answer to our own close
                 self._finish(Closed(self.close_code or 0, self._close_reason, by_peer=False))
                 return
-            # answer so the peer can close cleanly too
+            # answer so the peer can close cleanly too: our queued messages first, then CLOSE
+            # (a clean close loses nothing in either direction)
             self._control = [(Kind.CLOSE, bytes([CloseCode.NORMAL]))]
-            self._active.clear()
             self._pack_records()
             self._finish(Closed(code, reason, by_peer=True))
         elif kind == Kind.SELECT:
