@@ -1466,6 +1466,8 @@ class MiniUpnpd:
         self.proc = proc
         self.log_path = log_path
         self.router = router
+        self.http_port: int | None = None
+        """The port of its description and control URLs (once it serves UPnP)."""
         self._lines: list[str] = []
         self._cond = threading.Condition()
         self._ended = False
@@ -1505,6 +1507,13 @@ class MiniUpnpd:
                         f"miniupnpd: no {text!r} in its log (rc={self.proc.poll()}):\n{tail}"
                     )
                 self._cond.wait(remaining)
+
+    @property
+    def description_url(self) -> str:
+        """``http://<router LAN address>:<port>/rootDesc.xml`` (for ``upnpc -u``)."""
+        if self.http_port is None:
+            raise LabError("miniupnpd does not serve UPnP")
+        return f"http://{self.router.lan_address}:{self.http_port}/rootDesc.xml"
 
     def log(self) -> str:
         with self._cond:
@@ -1577,7 +1586,8 @@ def start_miniupnpd(
     if natpmp:
         daemon.wait_for("Listening for NAT-PMP/PCP traffic", timeout)
     if upnp:
-        daemon.wait_for("HTTP listening on port", timeout)
+        line = daemon.wait_for("HTTP listening on port", timeout)
+        daemon.http_port = int(line.rsplit(" ", 1)[1])
     return daemon
 
 
