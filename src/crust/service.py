@@ -369,7 +369,9 @@ class Service:
             requests.append(MappingRequest("tcp" if ep.protocol == "tcp" else "udp", c.port))
         if not requests:
             return
-        self._portmapper = PortMapper(requests, on_granted=self._on_port_mapped)
+        self._portmapper = PortMapper(
+            requests, on_granted=self._on_port_mapped, on_lost=self._on_port_unmapped
+        )
         await self._portmapper.__aenter__()
 
     def _on_port_mapped(self, m: GrantedMapping) -> None:
@@ -383,6 +385,16 @@ class Service:
         self._params.hello_extra["contacts"] = self.contacts()[:MAX_CONTACTS_PER_PEER]
         internal = str(Contact.from_address(scheme, m.internal))
         self._emit(PortMappingGranted(m.method, internal, external, m.lifetime))
+
+    def _on_port_unmapped(self, m: GrantedMapping, error: errors.PortMappingError) -> None:
+        """A mapping could not be renewed: stop announcing its external contact."""
+        log.info("port mapping of %s lost: %s", m.internal, error)
+        self._mapped.pop((m.protocol, m.internal[1]), None)
+        scheme = "tcp" if m.protocol == "tcp" else "quic"
+        for i, ep in enumerate(self._endpoints):
+            if ep.protocol == scheme and Contact.parse(ep.local).port == m.internal[1]:
+                self._endpoints[i] = EndpointPair(ep.protocol, ep.local, None)
+        self._params.hello_extra["contacts"] = self.contacts()[:MAX_CONTACTS_PER_PEER]
 
     def _mark_mapped(self, conn: Connection) -> None:
         """An inbound connection from a public address to a mapped port came in through the

@@ -39,6 +39,7 @@ class Granted:
     def __init__(self) -> None:
         self.items: list[GrantedMapping] = []
         self.errors: list[PortMappingError] = []
+        self.lost: list[GrantedMapping] = []
         self._event = asyncio.Event()
 
     def granted(self, m: GrantedMapping) -> None:
@@ -49,14 +50,20 @@ class Granted:
         self.errors.append(e)
         self._event.set()
 
-    async def wait(self, count: int = 1, errors: int = 0) -> None:
+    def gone(self, m: GrantedMapping, e: PortMappingError) -> None:
+        self.lost.append(m)
+        self._event.set()
+
+    async def wait(self, count: int = 1, errors: int = 0, lost: int = 0) -> None:
         async with asyncio.timeout(WAIT):
-            while len(self.items) < count or len(self.errors) < errors:
+            while len(self.items) < count or len(self.errors) < errors or len(self.lost) < lost:
                 self._event.clear()
                 await self._event.wait()
 
     def mapper(self, requests: list[MappingRequest], **kwargs: Any) -> PortMapper:
-        return PortMapper(requests, on_granted=self.granted, on_error=self.error, **kwargs)
+        return PortMapper(
+            requests, on_granted=self.granted, on_error=self.error, on_lost=self.gone, **kwargs
+        )
 
 
 async def test_pcp_maps_renews_and_deletes() -> None:
@@ -188,6 +195,21 @@ async def test_remaps_everything_when_the_gateway_lost_its_state() -> None:
             assert set(gw.control.table) == {("tcp", 40000), ("udp", 40001)}
 
 
+async def test_a_mapping_that_cannot_be_renewed_is_reported_lost() -> None:
+    async with FakeGateway("pcp") as gw:
+        gw.control.lifetimes["tcp"] = 2
+        got = Granted()
+        async with got.mapper([TCP, UDP], **gw.kwargs(retry_interval=0.5)) as mapper:
+            await got.wait(2)
+            gw.control.mode = "silent"  # the gateway stops answering
+            await got.wait(2, lost=1, errors=1)  # renewal failed, and mapping it again too
+            assert [(m.protocol, m.internal[1]) for m in got.lost] == [("tcp", 40000)]
+            assert [m.protocol for m in mapper.mappings()] == ["udp"]
+            gw.control.mode = "pcp"  # back: the lost mapping is requested again
+            await got.wait(3)
+            assert got.items[-1].protocol == "tcp"
+
+
 async def test_garbage_from_the_gateway_is_ignored() -> None:
     async with FakeGateway("pcp") as gw:
         gw.control.garbage_first = True
@@ -313,6 +335,16 @@ async def test_service_reports_a_granted_mapping(monkeypatch: pytest.MonkeyPatch
                     break
         assert event == PortMappingGranted(
             "pcp", f"tcp://10.1.0.2:{port}", "tcp://198.51.100.7:4444", 7200.0
+        )
+        # the mapping is lost: its external contact is no longer announced
+        svc._on_port_unmapped(
+            GrantedMapping("pcp", "tcp", ("10.1.0.2", port), ("198.51.100.7", 4444), 7200.0),
+            PortMappingError("gone"),
+        )
+        assert svc.endpoints()[0].external is None
+        assert not any("198.51.100.7" in c for c in svc.contacts())
+        svc._on_port_mapped(
+            GrantedMapping("pcp", "tcp", ("10.1.0.2", port), ("198.51.100.7", 4444), 7200.0)
         )
         # a loopback connection to the mapped port did not come through the mapping
         async with Service(crust.Config.for_testing()) as other:

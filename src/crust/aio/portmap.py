@@ -660,8 +660,9 @@ class PortMapper:
 
     An ``async with`` resource: entering starts one background task (in the mapper's own
     TaskGroup) and returns at once; ``on_granted`` is called for every new or changed
-    mapping, ``on_error`` for every failed round. Leaving the block (or :meth:`aclose`)
-    stops the task and deletes the mappings (bounded by ``close_timeout``).
+    mapping, ``on_lost`` when a mapping could not be renewed (it is requested again later),
+    ``on_error`` for every failed round. Leaving the block (or :meth:`aclose`) stops the task
+    and deletes the mappings (bounded by ``close_timeout``).
     """
 
     def __init__(
@@ -673,6 +674,7 @@ class PortMapper:
         lifetime: int = DEFAULT_LIFETIME,
         on_granted: Callable[[GrantedMapping], None] | None = None,
         on_error: Callable[[PortMappingError], None] | None = None,
+        on_lost: Callable[[GrantedMapping, PortMappingError], None] | None = None,
         description: str = "crust",
         server_port: int = natpmp.SERVER_PORT,
         ssdp_targets: Sequence[tuple[str, int]] | None = None,
@@ -718,6 +720,7 @@ class PortMapper:
         self.lifetime = lifetime
         self.on_granted = on_granted
         self.on_error = on_error
+        self.on_lost = on_lost
         self.description = description
         self.server_port = server_port
         self.ssdp_targets = ssdp_targets
@@ -837,6 +840,8 @@ class PortMapper:
                     log.info("port mapping: renewing %s failed: %s", held.request, exc)
                     del self._held[held.request]
                     errors.append(exc)
+                    if self.on_lost is not None:
+                        self.on_lost(held.granted, exc)
         missing = [r for r in self.requests if r not in self._held]
         if missing:
             await self._establish(missing)
@@ -991,10 +996,9 @@ class PortMapper:
         if isinstance(client, NatPmpClient):
             ext_port = previous.granted.external[1] if previous else suggested
             r = await client.map(request.protocol, request.internal_port, ext_port, self.lifetime)
-            if previous is not None:
-                address = previous.granted.external[0]
-            else:
-                address = await client.external_address()
+            address = await client.external_address()  # it may have changed since
+            if is_private_external(address):
+                raise BehindAnotherNat(f"natpmp: the gateway's external address is {address}")
             mapping = GrantedMapping(
                 "natpmp",
                 request.protocol,
