@@ -263,12 +263,16 @@ def test_config_errors_name_the_field() -> None:
         ({"lifetime": 0}, "lifetime"),
         ({"gateway": "router.local"}, "gateway"),
         ({"retry_interval": 0}, "retry_interval"),
+        ({"description": "line\nbreak"}, "description"),
+        ({"description": "x" * 300}, "description"),
     ):
         with pytest.raises(ConfigError) as err:
             PortMapper([TCP], **kwargs)
         assert err.value.field == name
     with pytest.raises(ConfigError):
         PortMapper([MappingRequest("sctp", 1)])
+    with pytest.raises(ConfigError):
+        PortMapper([MappingRequest("tcp", "80")])  # type: ignore[arg-type]
 
 
 def test_default_gateway_from_proc_net_route(tmp_path: Any) -> None:

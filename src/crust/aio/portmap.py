@@ -24,7 +24,7 @@ import random
 import secrets
 import socket
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 from crust.errors import ConfigError, PortMappingError, ProtocolError
@@ -38,6 +38,8 @@ DEFAULT_LIFETIME = 7200
 PERMANENT_REFRESH = 1800.0
 """A permanent UPnP mapping (lease 0) is re-added this often, in case the router rebooted."""
 MAX_QUEUED_DATAGRAMS = 64
+MAX_DESCRIPTIONS = 4
+"""Device descriptions fetched per discovery at most (one per distinct SSDP LOCATION)."""
 
 T = TypeVar("T")
 
@@ -490,6 +492,11 @@ class IgdClient:
             raise PortMappingError(f"upnp: cannot open an SSDP socket: {exc}") from exc
         errors: list[str] = []
         tried: set[str] = set()
+
+        def note(error: str) -> None:
+            if len(errors) < 4:
+                errors.append(error)
+
         try:
             for st in igd.SEARCH_TARGETS:
                 for target in targets:
@@ -509,22 +516,22 @@ class IgdClient:
                     log.debug("upnp: ignored an SSDP datagram from %s: %s", source, exc)
                     continue
                 if location.host != source:
-                    errors.append(f"{source} announced a description on {location.host}")
+                    note(f"{source} announced a description on {location.host}")
                     continue
                 if gateway is not None and source != gateway and (gateway, 1900) in targets:
                     # prefer the default gateway; another IGD on the LAN maps nothing for us
-                    errors.append(f"{source} is not the gateway {gateway}")
+                    note(f"{source} is not the gateway {gateway}")
                     continue
-                if str(location) in tried:
+                if str(location) in tried or len(tried) >= MAX_DESCRIPTIONS:
                     continue
                 tried.add(str(location))
                 try:
                     return await cls._from_location(location, local, timeout)
                 except PortMappingError as exc:
-                    errors.append(str(exc))
+                    note(str(exc))
         finally:
             transport.close()
-        detail = f" ({'; '.join(errors[:4])})" if errors else ""
+        detail = f" ({'; '.join(errors)})" if errors else ""
         raise NoAnswer(f"upnp: no Internet Gateway Device answered{detail}")
 
     @classmethod
@@ -648,7 +655,6 @@ class _Held:
     granted: GrantedMapping
     renew_at: float
     nonce: bytes = b""
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 Client = PcpClient | NatPmpClient | IgdClient
@@ -691,10 +697,22 @@ class PortMapper:
         if not requests:
             raise ConfigError("nothing to map", "requests")
         for r in requests:
-            if r.protocol not in ("tcp", "udp"):
-                raise ConfigError(f"protocol must be tcp or udp, not {r.protocol!r}", "requests")
+            if not isinstance(r, MappingRequest) or r.protocol not in ("tcp", "udp"):
+                raise ConfigError(f"not a tcp or udp MappingRequest: {r!r}", "requests")
+            ports = (r.internal_port, r.external_port)
+            if not all(isinstance(p, int) and not isinstance(p, bool) for p in ports):
+                raise ConfigError(f"ports must be integers in {r}", "requests")
             if not 1 <= r.internal_port <= 65535 or not 0 <= r.external_port <= 65535:
                 raise ConfigError(f"port out of range in {r}", "requests")
+        if (
+            not isinstance(description, str)
+            or len(description) > igd.MAX_DESCRIPTION
+            or not description.isprintable()
+        ):
+            raise ConfigError(
+                f"must be printable text of at most {igd.MAX_DESCRIPTION} characters",
+                "description",
+            )
         unknown = [m for m in methods if m not in METHODS]
         if unknown or not methods:
             raise ConfigError(f"methods must be among {', '.join(METHODS)}", "methods")
