@@ -14,6 +14,7 @@ from crust import errors
 from crust.aio.connection import Connection, closed_reason
 from crust.aio.eventqueue import EventQueue, EventStream
 from crust.aio.keylog import KeyLog
+from crust.aio.portmap import GrantedMapping, MappingRequest, PortMapper, is_private_external
 from crust.aio.quic import QuicLink, QuicSettings
 from crust.aio.stun import StunDispatcher
 from crust.aio.tcp import TcpProtocol, sock_contact
@@ -31,6 +32,7 @@ from crust.events import (
     MessageReceived,
     PeerConnected,
     PeerLost,
+    PortMappingGranted,
 )
 from crust.identity import Identity, PeerId
 from crust.proto.punch import ConnectionInfo, PublicConnectionInfo
@@ -139,6 +141,9 @@ class Service:
         self._quic_settings: QuicSettings | None = None
         self._keylog: KeyLog | None = None
         self._endpoints: list[EndpointPair] = []
+        self._portmapper: PortMapper | None = None
+        self._mapped: dict[tuple[str, int], GrantedMapping] = {}
+        """Port mappings granted on the gateway, by (tcp/udp, internal port)."""
         self._known: dict[PeerId, list[str]] = {}
         self._counters = _Counters()
         self._black_peers: set[PeerId] = set()
@@ -185,6 +190,8 @@ class Service:
                 await self._listen_tcp(contact)
             else:
                 self._listen_quic(contact)
+        if self.config.port_mapping:
+            await self._start_port_mapping()
         self._params.hello_extra["contacts"] = self.contacts()[:MAX_CONTACTS_PER_PEER]
         await self._bootstrapper.start()
 
@@ -215,6 +222,8 @@ class Service:
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1.0)
+        if self._portmapper is not None:
+            await self._portmapper.aclose()  # deletes the mappings (bounded in time)
         for mux in [*self._muxes, *self._client_muxes.values()]:
             mux.close()
         await self._bootstrapper.aclose()
@@ -358,6 +367,7 @@ class Service:
             outbound=punched[2] if punched else False,
             path="punched" if punched else "direct",
         )
+        self._mark_mapped(conn)
         link.attach(conn)
 
     def _quic_inbound_failed(self, link: QuicLink, err: BaseException) -> None:
@@ -400,6 +410,55 @@ class Service:
         traversal = self._traversal
         if traversal is not None:
             mux.on_other_datagram = lambda data, addr: traversal.on_datagram(mux, data, addr)
+
+    # ================================================================= port mapping
+
+    async def _start_port_mapping(self) -> None:
+        """Map every IPv4 listener that is not on loopback (TCP as tcp, QUIC as udp)."""
+        requests: list[MappingRequest] = []
+        for ep in self._endpoints:
+            c = Contact.parse(ep.local)
+            if c.family_v6 or ipaddress.ip_address(c.host).is_loopback:
+                continue
+            requests.append(MappingRequest("tcp" if ep.protocol == "tcp" else "udp", c.port))
+        if not requests:
+            return
+        self._portmapper = PortMapper(
+            requests, on_granted=self._on_port_mapped, on_lost=self._on_port_unmapped
+        )
+        await self._portmapper.__aenter__()
+
+    def _on_port_mapped(self, m: GrantedMapping) -> None:
+        scheme = "tcp" if m.protocol == "tcp" else "quic"
+        self._mapped[(m.protocol, m.internal[1])] = m
+        external = str(Contact.from_address(scheme, m.external))
+        for i, ep in enumerate(self._endpoints):
+            c = Contact.parse(ep.local)
+            if ep.protocol == scheme and c.port == m.internal[1] and not c.family_v6:
+                self._endpoints[i] = EndpointPair(ep.protocol, ep.local, external)
+        self._params.hello_extra["contacts"] = self.contacts()[:MAX_CONTACTS_PER_PEER]
+        internal = str(Contact.from_address(scheme, m.internal))
+        self._emit(PortMappingGranted(m.method, internal, external, m.lifetime))
+
+    def _on_port_unmapped(self, m: GrantedMapping, error: errors.PortMappingError) -> None:
+        """A mapping could not be renewed: stop announcing its external contact."""
+        log.info("port mapping of %s lost: %s", m.internal, error)
+        self._mapped.pop((m.protocol, m.internal[1]), None)
+        scheme = "tcp" if m.protocol == "tcp" else "quic"
+        for i, ep in enumerate(self._endpoints):
+            if ep.protocol == scheme and Contact.parse(ep.local).port == m.internal[1]:
+                self._endpoints[i] = EndpointPair(ep.protocol, ep.local, None)
+        self._params.hello_extra["contacts"] = self.contacts()[:MAX_CONTACTS_PER_PEER]
+
+    def _mark_mapped(self, conn: Connection) -> None:
+        """An inbound connection from a public address to a mapped port came in through the
+        gateway's mapping: its path is "mapped"."""
+        if not self._mapped:
+            return
+        proto = "tcp" if conn.transport_name == "tcp" else "udp"
+        local, remote = Contact.parse(conn.local), Contact.parse(conn.remote)
+        if (proto, local.port) in self._mapped and not is_private_external(remote.host):
+            conn.path = "mapped"
 
     def endpoints(self) -> list[EndpointPair]:
         """Every listener with its local and (when known) external contact."""
@@ -784,13 +843,15 @@ class Service:
                 outbound=asked,
                 path="punched",
             )
-        return self._new_connection(
+        conn = self._new_connection(
             remote,
             sock_contact(transport, "sockname"),
             initiator=False,
             expected=None,
             transport_name="tcp",
         )
+        self._mark_mapped(conn)
+        return conn
 
     def _inbound_refusal(self, host: str) -> str | None:
         if not self._running:

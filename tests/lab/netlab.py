@@ -76,6 +76,7 @@ __all__ = [
     "LabError",
     "LabProcess",
     "LabSpec",
+    "MiniUpnpd",
     "NatType",
     "Netem",
     "NetemBackend",
@@ -92,6 +93,7 @@ __all__ = [
     "pair_spec",
     "pair_spec6",
     "start_coturn",
+    "start_miniupnpd",
 ]
 
 NatType = Literal["none", "full-cone", "restricted", "port-restricted", "symmetric"]
@@ -1656,6 +1658,225 @@ def start_coturn(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+
+#: nftables skeleton miniupnpd (nftables build) adds its rules to: base chains at the
+#: forward / dstnat / srcnat hooks that jump to the chains named in its config.  It runs one
+#: priority step before the lab's own ``ip crustlab`` chains, so a mapped (DNATed) flow is
+#: already translated when the lab's forward chain accepts ``ct status dnat``.
+MINIUPNPD_TABLE: Final = "crustupnp"
+MINIUPNPD_PATH: Final = "/usr/sbin/miniupnpd"
+
+
+def miniupnpd_ruleset(table: str = MINIUPNPD_TABLE) -> str:
+    """The ``table inet`` miniupnpd expects (see ``miniupnpd_config``)."""
+    return "\n".join(
+        [
+            f"table inet {table} {{",
+            "  chain forward {",
+            "    type filter hook forward priority filter - 1; policy accept;",
+            "    jump upnp_forward;",
+            "  }",
+            "  chain upnp_forward {",
+            "  }",
+            "  chain prerouting {",
+            "    type nat hook prerouting priority dstnat - 1; policy accept;",
+            "    jump upnp_prerouting;",
+            "  }",
+            "  chain postrouting {",
+            "    type nat hook postrouting priority srcnat - 1; policy accept;",
+            "    jump upnp_postrouting;",
+            "  }",
+            "  chain upnp_prerouting {",
+            "  }",
+            "  chain upnp_postrouting {",
+            "  }",
+            "}",
+            "",
+        ]
+    )
+
+
+def miniupnpd_config(
+    router: Router,
+    workdir: str | os.PathLike[str],
+    stun: tuple[str, int],
+    *,
+    upnp: bool = True,
+    natpmp: bool = True,
+    min_lifetime: int = 120,
+    table: str = MINIUPNPD_TABLE,
+) -> str:
+    """A self-contained miniupnpd.conf for ``router`` (files only inside ``workdir``).
+
+    miniupnpd refuses to map when its WAN address is private *or reserved*, and the lab's
+    internet is 198.18.0.0/15 (benchmarking, reserved); ``ext_ip=`` with such an address is a
+    fatal config error.  What works is ``ext_perform_stun=yes``: it asks the lab's STUN
+    server, sees its own WAN address with no filtering in front of it (all four RFC 5780
+    probes answered from the mapped ports), concludes "unrestricted 1:1 NAT" and enables port
+    forwarding with the STUN answer as external address.
+    """
+    wd = os.fspath(workdir)
+    lines = [
+        f"ext_ifname={router.wan_iface}",
+        f"listening_ip={router.lan_iface}",
+        "ipv6_disable=yes",
+        "http_port=0",
+        f"enable_upnp={'yes' if upnp else 'no'}",
+        f"enable_natpmp={'yes' if natpmp else 'no'}",
+        "ext_perform_stun=yes",
+        f"ext_stun_host={stun[0]}",
+        f"ext_stun_port={stun[1]}",
+        "secure_mode=yes",
+        "system_uptime=no",
+        "notify_interval=60",
+        "clean_ruleset_interval=600",
+        f"min_lifetime={min_lifetime}",
+        "max_lifetime=86400",
+        "uuid=8c1e6f2a-5d1b-4c55-9e0b-6c7261737431",
+        f"lease_file={os.path.join(wd, 'upnp.leases')}",
+        f"minissdpdsocket={os.path.join(wd, 'minissdpd.sock')}",
+        f"upnp_table_name={table}",
+        f"upnp_nat_table_name={table}",
+        "upnp_forward_chain=upnp_forward",
+        "upnp_nat_chain=upnp_prerouting",
+        "upnp_nat_postrouting_chain=upnp_postrouting",
+        f"allow 1024-65535 {router.lan_subnet} 1024-65535",
+        "deny 0-65535 0.0.0.0/0 0-65535",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+class MiniUpnpd:
+    """A running miniupnpd in a lab router (see :func:`start_miniupnpd`)."""
+
+    def __init__(self, proc: LabProcess, log_path: str, router: Router) -> None:
+        self.proc = proc
+        self.log_path = log_path
+        self.router = router
+        self.http_port: int | None = None
+        """The port of its description and control URLs (once it serves UPnP)."""
+        self._lines: list[str] = []
+        self._cond = threading.Condition()
+        self._ended = False
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        stream = self.proc.stdout
+        with open(self.log_path, "a", encoding="utf-8") as log:
+            try:
+                if stream is not None:
+                    for line in stream:
+                        log.write(line)
+                        log.flush()
+                        with self._cond:
+                            self._lines.append(line)
+                            self._cond.notify_all()
+            except (OSError, ValueError):
+                pass
+        with self._cond:
+            self._ended = True
+            self._cond.notify_all()
+
+    def wait_for(self, text: str, timeout: float = 10.0) -> str:
+        """The first log line containing ``text``; LabError if it does not come."""
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._cond:
+            while True:
+                for line in self._lines[seen:]:
+                    if text in line:
+                        return line
+                seen = len(self._lines)
+                remaining = deadline - time.monotonic()
+                if self._ended or remaining <= 0:
+                    tail = "".join(self._lines[-15:])
+                    raise LabError(
+                        f"miniupnpd: no {text!r} in its log (rc={self.proc.poll()}):\n{tail}"
+                    )
+                self._cond.wait(remaining)
+
+    @property
+    def description_url(self) -> str:
+        """``http://<router LAN address>:<port>/rootDesc.xml`` (for ``upnpc -u``)."""
+        if self.http_port is None:
+            raise LabError("miniupnpd does not serve UPnP")
+        return f"http://{self.router.lan_address}:{self.http_port}/rootDesc.xml"
+
+    def log(self) -> str:
+        with self._cond:
+            return "".join(self._lines)
+
+    def stop(self) -> int | None:
+        return self.proc.stop()
+
+
+def start_miniupnpd(
+    lab: Lab,
+    router: str,
+    workdir: str | os.PathLike[str],
+    stun: tuple[str, int],
+    *,
+    upnp: bool = True,
+    natpmp: bool = True,
+    stun_alt_port: int = 3479,
+    timeout: float = 15.0,
+) -> MiniUpnpd:
+    """Run miniupnpd (UPnP IGD, NAT-PMP and PCP) on ``router``'s LAN side.
+
+    ``stun`` is a STUN server on the lab internet with RFC 5780 support (``start_coturn``
+    on a host with two addresses; ``stun_alt_port`` its other port).  The router's input
+    chain lets that server's answers in (from all its addresses and both ports: miniupnpd's
+    probe needs the ones from the other address and port), the
+    skeleton table of :func:`miniupnpd_ruleset` is installed, and the call returns once
+    miniupnpd serves requests with port forwarding enabled.  The process belongs to the lab
+    (killed on teardown; on SIGTERM it removes its rules itself).
+    """
+    r = lab.router(router)
+    wd = os.fspath(workdir)
+    os.makedirs(wd, exist_ok=True)
+    lab.run(r.name, ["nft", "-f", "-"], input=miniupnpd_ruleset())
+    owners = [h for h in lab.hosts.values() if stun[0] in h.addresses]
+    addresses = ", ".join(owners[0].addresses) if owners else stun[0]
+    lab.run(
+        r.name,
+        [
+            "nft",
+            "insert",
+            "rule",
+            "ip",
+            "crustlab",
+            "input",
+            "iifname",
+            r.wan_iface,
+            "ip",
+            "saddr",
+            f"{{ {addresses} }}",
+            "udp",
+            "sport",
+            f"{{ {stun[1]}, {stun_alt_port} }}",
+            "accept",
+        ],
+    )
+    conf = os.path.join(wd, "miniupnpd.conf")
+    with open(conf, "w", encoding="utf-8") as f:
+        f.write(miniupnpd_config(r, wd, stun, upnp=upnp, natpmp=natpmp))
+    proc = lab.spawn(
+        r.name,
+        [MINIUPNPD_PATH, "-d", "-f", conf, "-P", os.path.join(wd, "miniupnpd.pid")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    daemon = MiniUpnpd(proc, os.path.join(wd, "miniupnpd.log"), r)
+    stun_line = daemon.wait_for("STUN: ", timeout)
+    if "behind restrictive" in stun_line or "filters incoming" in stun_line:
+        raise LabError(f"miniupnpd: port forwarding disabled after STUN: {stun_line.strip()}")
+    if natpmp:
+        daemon.wait_for("Listening for NAT-PMP/PCP traffic", timeout)
+    if upnp:
+        line = daemon.wait_for("HTTP listening on port", timeout)
+        daemon.http_port = int(line.rsplit(" ", 1)[1])
+    return daemon
 
 
 def main(argv: Sequence[str] | None = None) -> int:
