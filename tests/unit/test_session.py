@@ -331,6 +331,22 @@ def test_clean_close_sends_queued_messages_first() -> None:
     assert pair.a.state is State.CLOSED and pair.b.state is State.CLOSED
 
 
+def test_clean_close_loses_nothing_in_either_direction() -> None:
+    """Both sides have messages queued when one closes: the closer's go before its CLOSE,
+    the other side's go before its answering CLOSE, and the closer still delivers them."""
+    pair = established_pair()
+    sent_a = [b"a%d" % i + bytes(3000) for i in range(50)]
+    sent_b = [b"b%d" % i + bytes(3000) for i in range(50)]
+    for ma, mb in zip(sent_a, sent_b, strict=True):
+        pair.a.send_message(ma, 2)
+        pair.b.send_message(mb, 2)
+    pair.a.close(CloseCode.REPLACED, "moving", pair.clock.now)
+    pair.pump()
+    assert [m.data for m in pair.messages_b()] == sent_a
+    assert [m.data for m in pair.messages_a()] == sent_b
+    assert closed(pair.events_a).error is None and closed(pair.events_b).by_peer
+
+
 def test_select_and_control_frames() -> None:
     pair = established_pair()
     pair.b.select()

@@ -227,8 +227,10 @@ class PunchParams:
     """Length of one strategy round."""
     rounds: int = 3
     """Strategy rounds before giving up (see :class:`PunchPlan`)."""
-    tcp_retry: float = 0.5
-    """A TCP simultaneous-open attempt that has not connected is restarted this often."""
+    tcp_retry: float = 2.0
+    """A TCP simultaneous-open attempt that has not connected is restarted this often (once
+    per round: the kernel retransmits the SYN within an attempt; restarting sooner would let
+    a late SYN-ACK for the old socket meet the new one and be answered with a reset)."""
     max_probes: int = 600
     """Probe datagrams one punch sends at most, whatever the candidates."""
     prediction_span: int = 4
