@@ -7,7 +7,7 @@ import contextlib
 import ipaddress
 import logging
 import socket
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from crust import errors
@@ -556,19 +556,11 @@ class Service:
                 timeout = None
                 if traversal is not None and not punching:
                     timeout = max(0.0, punch_at - loop.time())
-                done, pending = await asyncio.wait(
-                    pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-                )
-                for task in done:
-                    exc = task.exception()
-                    if exc is None:
-                        return task.result()
-                    errs.append(exc)
+                won, _, pending = await _first_success(pending, timeout, errs)
+                if won is not None:
+                    return won
         finally:
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending)
+            await _cancel_all(pending)
         try:
             return await self._relayed(peer)
         except errors.ConnectError as exc:
@@ -615,20 +607,12 @@ class Service:
                     start_next = False
                     pending.add(asyncio.ensure_future(self._attempt(schedule.pop(0)[1])))
                 timeout = max(0.0, schedule[0][0] - elapsed) if schedule else None
-                done, pending = await asyncio.wait(
-                    pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-                )
-                for task in done:
-                    exc = task.exception()
-                    if exc is None:
-                        return task.result()
-                    errs.append(exc)
-                    start_next = True
+                won, done, pending = await _first_success(pending, timeout, errs)
+                if won is not None:
+                    return won
+                start_next = bool(done)
         finally:
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending)
+            await _cancel_all(pending)
         if all(type(e) is type(errs[0]) for e in errs):
             raise errs[0]
         raise errors.ConnectError("every contact failed", errs)
@@ -680,16 +664,7 @@ class Service:
             return await self._attempt_quic(contact)
         loop = asyncio.get_running_loop()
         protocol: TcpProtocol | None = None
-
-        def make(transport: asyncio.Transport) -> Connection:
-            return self._new_connection(
-                sock_contact(transport, "peername"),
-                sock_contact(transport, "sockname"),
-                initiator=True,
-                expected=contact.peer_id,
-                transport_name="tcp",
-            )
-
+        make = self._tcp_dialed(initiator=True, expected=contact.peer_id)
         try:
             _, protocol = await loop.create_connection(
                 lambda: TcpProtocol(make), contact.host, contact.port
@@ -700,6 +675,29 @@ class Service:
         if conn is None:
             raise errors.ConnectError(f"{contact}: connection closed at once")
         return await self._keep_attempt(conn)
+
+    def _tcp_dialed(
+        self,
+        *,
+        initiator: bool,
+        expected: PeerId | None,
+        outbound: bool | None = None,
+        path: str = "direct",
+    ) -> Callable[[asyncio.Transport], Connection]:
+        """The connection factory of a TCP socket we dialed (directly or punching)."""
+
+        def make(transport: asyncio.Transport) -> Connection:
+            return self._new_connection(
+                sock_contact(transport, "peername"),
+                sock_contact(transport, "sockname"),
+                initiator=initiator,
+                expected=expected,
+                transport_name="tcp",
+                outbound=outbound,
+                path=path,
+            )
+
+        return make
 
     async def _attempt_quic(
         self, contact: Contact, *, mux: UdpMux | None = None, path: str = "direct"
@@ -1340,6 +1338,29 @@ def _ready_error(event: Closed) -> BaseException:
     if code == CloseCode.SELF:
         return errors.ConnectError("connected to ourselves")
     return errors.ConnectionClosed(f"closed before it was established ({closed_reason(event)})")
+
+
+async def _first_success(
+    pending: set[asyncio.Task[PeerId]], timeout: float | None, errs: list[BaseException]
+) -> tuple[PeerId | None, set[asyncio.Task[PeerId]], set[asyncio.Task[PeerId]]]:
+    """Wait for the first attempt to finish: (its peer id if it succeeded, the finished
+    attempts, the pending ones); failures are appended to ``errs``."""
+    done, pending = await asyncio.wait(
+        pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+    )
+    for task in done:
+        exc = task.exception()
+        if exc is None:
+            return task.result(), done, pending
+        errs.append(exc)
+    return None, done, pending
+
+
+async def _cancel_all(pending: set[asyncio.Task[PeerId]]) -> None:
+    for task in pending:
+        task.cancel()
+    if pending:
+        await asyncio.wait(pending)
 
 
 def _upgrade(old: Connection, new: Connection) -> bool:

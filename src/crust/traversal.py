@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from crust import errors
-from crust.aio.tcp import TcpProtocol, sock_contact
+from crust.aio.tcp import TcpProtocol
 from crust.aio.udp_mux import Address, UdpMux
 from crust.contact import Contact, expand_wildcard
 from crust.events import ExternalAddressChanged
@@ -655,18 +655,9 @@ class Traversal:
             sock.close()
             return
         initiator = svc.peer_id < punch.peer
-
-        def make(transport: asyncio.Transport) -> Connection:
-            return svc._new_connection(
-                sock_contact(transport, "peername"),
-                sock_contact(transport, "sockname"),
-                initiator=initiator,
-                expected=punch.peer,
-                transport_name="tcp",
-                outbound=punch.outbound,
-                path="punched",
-            )
-
+        make = svc._tcp_dialed(
+            initiator=initiator, expected=punch.peer, outbound=punch.outbound, path="punched"
+        )
         try:
             _, protocol = await self._loop.create_connection(lambda: TcpProtocol(make), sock=sock)
         except OSError:
