@@ -26,6 +26,7 @@ import os
 import socket
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from random import SystemRandom
 from typing import TYPE_CHECKING, Any
 
 from crust import errors
@@ -104,6 +105,10 @@ class _Punch:
     remote_tcp: list[Address] = field(default_factory=list)
     remote_quic: list[Address] = field(default_factory=list)
     token: bytes = b""
+    peer_symmetric: bool = False
+    spray: pp.BirthdaySpray | None = None
+    sockets: list[socket.socket] = field(default_factory=list)
+    """Birthday probing, symmetric side: the extra sockets (closed when the punch ends)."""
     plan: pp.PunchPlan | None = None
     task: asyncio.Task[None] | None = None
     started: asyncio.Event = field(default_factory=asyncio.Event)
@@ -125,6 +130,11 @@ class Traversal:
         self._external_ips: list[str] = []
         self._punches: dict[PeerId, _Punch] = {}
         self._upgrading: set[PeerId] = set()
+        self.symmetric: bool | None = None
+        """Our UDP mapping depends on the destination (learnt from two addresses of a node)."""
+        self.birthday = pp.BirthdayParams()
+        self._promoted: list[UdpMux] = []
+        """Birthday sockets that carried a punch, now serving their QUIC connection."""
         self._by_token: dict[bytes, _Punch] = {}
         self._echo_waiters: dict[bytes, asyncio.Future[Address]] = {}
         self._intro_waiters: dict[int, asyncio.Future[dict[str, Any]]] = {}
@@ -285,10 +295,13 @@ class Traversal:
             self._echo_waiters.pop(token, None)
 
     async def learn_udp_mapping(self, via: PeerId) -> None:
-        """Find our QUIC listener's external mapping from a node's UDP port (address echo)."""
+        """Find our QUIC listener's external mapping from a node's UDP port (address echo),
+        and — when the node has a second address — whether the mapping changes with the
+        destination (a symmetric NAT: then the mapping is useless to others)."""
         mux = self._listener_mux()
         if mux is None:
             return
+        first: tuple[str, Address] | None = None
         for text in self.svc._known.get(via, []):
             c = Contact.parse(text)
             if c.scheme != "quic" or ipaddress.ip_address(c.host).version != (
@@ -301,11 +314,22 @@ class Traversal:
                 seen = await self.echo(mux, (c.host, c.port))
             except (TimeoutError, OSError):
                 continue
+            if first is None:
+                first = (c.host, seen)
+                continue
+            if c.host == first[0]:
+                continue
+            # a second address of the same node: does our mapping depend on the destination?
+            self.symmetric = seen[1] != first[1][1] or seen[0] != first[1][0]
+            log.info("UDP mapping %s and %s: symmetric=%s", first[1], seen, self.symmetric)
+            break
+        if first is None:
+            return
+        if not self.symmetric:
             table = self._observed["quic"]
             table.pop(via, None)
-            table[via] = str(Contact.from_address("quic", seen))
+            table[via] = str(Contact.from_address("quic", first[1]))
             self._update_external("quic")
-            return
 
     def _listener_mux(self, family: int = socket.AF_INET) -> UdpMux | None:
         for mux in self.svc._muxes:
@@ -407,6 +431,7 @@ class Traversal:
             return
         assert isinstance(nonce, bytes)
         punch = _Punch(sender, os.urandom(pp.TOKEN_LEN), outbound=False)
+        punch.peer_symmetric = inner.get("sym") is True
         self._set_remote(punch, inner.get("c"), obs)
         self._register(punch, nonce)
         try:
@@ -416,7 +441,13 @@ class Traversal:
             self._send_via(
                 node,
                 sender,
-                {"k": "ack", "id": ref, "c": self.candidates(loopback=loopback), "n": punch.nonce},
+                {
+                    "k": "ack",
+                    "id": ref,
+                    "c": self.candidates(loopback=loopback),
+                    "n": punch.nonce,
+                    "sym": self.symmetric is True,
+                },
             )
             async with asyncio.timeout(
                 SYNC_WAIT + pp.PunchParams().rounds * pp.PunchParams().round_duration
@@ -477,6 +508,7 @@ class Traversal:
             punch.plan.finish()
         if punch.task is not None:
             punch.task.cancel()
+        self._close_birthday_sockets(punch)
 
     # ================================================================ punching
 
@@ -515,7 +547,17 @@ class Traversal:
             await self.learn_udp_mapping(node_id)
             cands = self.candidates(loopback=_is_loopback(node.remote))
             sent = self._loop.time()
-            self._send_via(node, peer, {"k": "intro", "id": ref, "c": cands, "n": punch.nonce})
+            self._send_via(
+                node,
+                peer,
+                {
+                    "k": "intro",
+                    "id": ref,
+                    "c": cands,
+                    "n": punch.nonce,
+                    "sym": self.symmetric is True,
+                },
+            )
             try:
                 async with asyncio.timeout(INTRO_TIMEOUT):
                     reply = await fut
@@ -531,6 +573,7 @@ class Traversal:
             if not isinstance(nonce, bytes) or len(nonce) != pp.TOKEN_LEN:
                 raise errors.HolePunchFailed("malformed introduction answer")
             rtt = self._loop.time() - sent
+            punch.peer_symmetric = reply.get("sym") is True
             self._set_remote(punch, reply.get("c"), reply.get("obs"))
             self._register(punch, nonce)
             self._send_via(node, peer, {"k": "sync", "id": ref})
@@ -559,32 +602,126 @@ class Traversal:
         raise errors.HolePunchFailed(f"punch failed: no path to {punch.peer} answered")
 
     def _start(self, punch: _Punch, at: float) -> None:
+        role = pp.birthday_roles(self.symmetric is True, punch.peer_symmetric)
+        public = [a for a in punch.remote_quic if not pp.is_lan(a[0])]
         punch.plan = pp.PunchPlan(
             token=punch.token,
             tcp=punch.remote_tcp,
             quic=punch.remote_quic,
             start=at,
-            dialer=punch.outbound,
+            dialer=punch.outbound if role is None else role == "spray",
         )
+        log.info(
+            "punch to %s: role %s, tcp %s, quic %s",
+            punch.peer.short(),
+            role,
+            punch.remote_tcp,
+            punch.remote_quic,
+        )
+        if role == "spray" and public:
+            rng = SystemRandom()
+            ports = rng.sample(range(1024, 65536), min(self.birthday.probes, 64512))
+            punch.spray = pp.BirthdaySpray(
+                punch.token, public[0][0], ports, at, rate=self.birthday.rate
+            )
+        elif role == "prime" and public:
+            self._open_birthday_sockets(punch)
         punch.started.set()
         punch.task = asyncio.ensure_future(self._drive(punch))
+
+    # ---------------------------------------------------------------- birthday probing
+
+    def _open_birthday_sockets(self, punch: _Punch) -> None:
+        """Symmetric side: many sockets, each a fresh NAT mapping that lets the other side's
+        address in once it has sent there (``_prime``); the other side sprays probes at
+        random ports until one lands on a mapping."""
+        for _ in range(self.birthday.sockets):
+            try:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                sock.setblocking(False)
+                sock.bind(("0.0.0.0", 0))
+            except OSError:
+                break  # out of descriptors or ports: probe with what we have
+            punch.sockets.append(sock)
+            self._loop.add_reader(sock.fileno(), self._birthday_readable, punch, sock)
+
+    def _prime(self, punch: _Punch) -> None:
+        datagram = pp.encode(pp.Kind.PROBE, punch.token)
+        targets = [a for a in punch.remote_quic if not pp.is_lan(a[0])]
+        for sock in punch.sockets:
+            for addr in targets:
+                with contextlib.suppress(OSError):
+                    sock.sendto(datagram, addr)
+
+    def _birthday_readable(self, punch: _Punch, sock: socket.socket) -> None:
+        try:
+            data, addr = sock.recvfrom(2048)
+        except OSError:
+            return
+        if not pp.is_punch(data) or punch.plan is None or punch.plan.done:
+            return
+        try:
+            dgram = pp.parse(data)
+        except errors.ProtocolError:
+            return
+        if dgram.token != punch.token or dgram.kind is not pp.Kind.PROBE:
+            return
+        # this socket's mapping is the one the other side found: it now carries QUIC
+        self._close_birthday_sockets(punch, keep=sock)
+        mux = UdpMux(
+            sock,
+            acceptor=self.svc._accept_quic,
+            max_connections=self.svc.config.max_connections,
+            max_pending_handshakes=self.svc.config.max_pending_handshakes,
+        )
+        self.svc._hook(mux)
+        self._promoted.append(mux)
+        addr = (addr[0], addr[1])
+        if addr not in punch.plan.working:
+            punch.plan.working.append(addr)
+        with contextlib.suppress(OSError):
+            mux.sendto(pp.encode(pp.Kind.ACK, punch.token), addr)
+
+    def _close_birthday_sockets(self, punch: _Punch, keep: socket.socket | None = None) -> None:
+        for sock in punch.sockets:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(sock.fileno())
+            if sock is not keep:
+                sock.close()
+        punch.sockets = []
 
     async def _drive(self, punch: _Punch) -> None:
         """Run the plan's timer until it expires or the peer is connected."""
         plan = punch.plan
         assert plan is not None
+        next_prime = plan.start
         while not plan.done:
             if self.svc._is_direct(punch.peer):
                 plan.finish()
-                return
-            when = plan.get_timer()
-            if when is None:
                 break
-            delay = max(0.0, when - self._loop.time())
+            times = [t for t in (plan.get_timer(),) if t is not None]
+            if punch.spray is not None and (t := punch.spray.get_timer()) is not None:
+                times.append(t)
+            if punch.sockets:
+                times.append(next_prime)
+            if not times:
+                break
+            delay = max(0.0, min(times) - self._loop.time())
             if delay:
                 await asyncio.sleep(delay)
-            plan.handle_timer(self._loop.time())
+            now = self._loop.time()
+            plan.handle_timer(now)
+            if punch.sockets and now >= next_prime:
+                next_prime = now + self.birthday.prime_interval
+                self._prime(punch)
+            if punch.spray is not None and not plan.done:
+                mux = self._listener_mux()
+                for probe in punch.spray.handle_timer(now):
+                    if mux is not None and not mux.closed:
+                        with contextlib.suppress(OSError):
+                            mux.sendto(probe.datagram, probe.address)
             self._run_actions(punch, None)
+        self._close_birthday_sockets(punch)
 
     def _run_actions(self, punch: _Punch, via: UdpMux | None) -> None:
         """Carry out the plan's actions; UDP ones from ``via`` (the socket a datagram came
@@ -751,6 +888,9 @@ class Traversal:
     def close(self) -> None:
         for punch in list(self._punches.values()):
             self._unregister(punch)
+        for mux in self._promoted:
+            mux.close()
+        self._promoted.clear()
         for waiters in (self._echo_waiters, self._intro_waiters):
             for fut in waiters.values():
                 if not fut.done():

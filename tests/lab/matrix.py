@@ -68,7 +68,12 @@ class PunchLab:
         self._index = 0
         lab.add_cleanup(self.close)
         w = self.wildcard
-        self.pub = self._node("pub", [f"tcp://{w}:{PUB_PORT}", f"quic://{w}:{PUB_PORT}"])
+        # QUIC on each of pub's addresses (not the wildcard): a datagram is then answered from
+        # the address it was sent to, so pub's two addresses can tell a symmetric NAT
+        pub_host = lab.host("pub")
+        addrs = pub_host.addresses6 if ipv6 else pub_host.addresses
+        quic = [f"quic://{'[' + a + ']' if ipv6 else a}:{PUB_PORT}" for a in addrs]
+        self.pub = self._node("pub", [f"tcp://{w}:{PUB_PORT}", *quic])
         self.pub.wait_ready()
         prefix = f"tcp://[{lab.address6('pub')}]" if ipv6 else "tcp://198."
         self.pub_contact = next(c for c in self.pub.ready["contacts"] if c.startswith(prefix))

@@ -192,3 +192,24 @@ def test_finish_stops_everything() -> None:
     p.finish()
     p.handle_timer(100.0)
     assert p.actions() == [] and p.get_timer() is None
+
+
+def test_birthday_roles() -> None:
+    assert pp.birthday_roles(True, False) == "prime"
+    assert pp.birthday_roles(False, True) == "spray"
+    assert pp.birthday_roles(True, True) is None
+    assert pp.birthday_roles(False, False) is None
+
+
+def test_birthday_spray_is_paced_and_bounded() -> None:
+    ports = list(range(2000, 2300))
+    spray = pp.BirthdaySpray(TOKEN, "198.18.0.11", ports, start=10.0, rate=100.0)
+    assert spray.get_timer() == 10.0
+    first = spray.handle_timer(10.0)
+    assert [p.address for p in first] == [("198.18.0.11", 2000)]
+    assert len(spray.handle_timer(10.5)) == 50  # due: 50 more (0.5 s at 100/s)
+    assert len(spray.handle_timer(100.0)) == 50  # a late timer never bursts more than 50
+    while spray.get_timer() is not None:
+        spray.handle_timer(1000.0)
+    assert spray.sent == len(ports)
+    assert all(pp.parse(p.datagram).token == TOKEN for p in first)

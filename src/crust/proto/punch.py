@@ -367,3 +367,62 @@ class PunchPlan:
     def actions(self) -> list[PunchAction]:
         out, self._actions = self._actions, []
         return out
+
+
+# --------------------------------------------------------------------------- symmetric NATs
+
+
+@dataclass(frozen=True, slots=True)
+class BirthdayParams:
+    sockets: int = 256
+    """Extra UDP sockets the symmetric side opens (one NAT mapping each)."""
+    probes: int = 2500
+    """Probes the other side sends to random ports of the symmetric side's address."""
+    rate: float = 1000.0
+    """Probes per second (paced)."""
+    prime_interval: float = 0.25
+    """The symmetric side re-sends from every socket this often (keeps its mappings open)."""
+
+
+@dataclass
+class BirthdaySpray:
+    """The cone side of birthday probing: probes to ``ports`` (random, chosen by the caller)
+    of the symmetric side's public address, paced at ``rate``.  With n mappings open on the
+    other side among m possible ports, k probes hit one with probability 1 - (1 - n/m)^k:
+    256 sockets and 2500 probes over 64 512 ports give more than 99.99 %."""
+
+    token: bytes
+    host: str
+    ports: Sequence[int]
+    start: float
+    rate: float = 1000.0
+    sent: int = 0
+    done: bool = False
+
+    def get_timer(self) -> float | None:
+        if self.done or self.sent >= len(self.ports):
+            return None
+        return self.start + self.sent / self.rate
+
+    def handle_timer(self, now: float) -> list[SendProbe]:
+        """The probes due by ``now`` (at most 50 per call, so a late timer cannot burst)."""
+        out: list[SendProbe] = []
+        datagram = encode(Kind.PROBE, self.token)
+        while (
+            not self.done
+            and self.sent < len(self.ports)
+            and self.start + self.sent / self.rate <= now
+            and len(out) < 50
+        ):
+            out.append(SendProbe((self.host, self.ports[self.sent]), datagram))
+            self.sent += 1
+        return out
+
+
+def birthday_roles(me_symmetric: bool, peer_symmetric: bool) -> str | None:
+    """``"prime"`` (we open many sockets), ``"spray"`` (we probe random ports) or None."""
+    if me_symmetric and not peer_symmetric:
+        return "prime"
+    if peer_symmetric and not me_symmetric:
+        return "spray"
+    return None
