@@ -63,6 +63,10 @@ class Config:
     """Happy-Eyeballs delay between starting successive connection attempts."""
     tcp_head_start: float = 0.05
     """When a peer's TCP and QUIC contacts are raced, QUIC attempts start this much later."""
+    birthday_sockets: int = 256
+    """Symmetric NATs: extra UDP sockets opened for birthday probing (0: never)."""
+    birthday_probes: int = 2500
+    """Symmetric NATs: probes sent to random ports of the other side (paced at 1000/s)."""
     punch_delay: float = 1.0
     """``connect(peer_id)``: start a hole punch this long after direct attempts began (at once
     when there is no known contact or they all failed)."""
@@ -278,6 +282,8 @@ _CHECKS: dict[str, Any] = {
     "connect_stagger": _seconds(0.0, 60),
     "tcp_head_start": _seconds(0.0, 60),
     "punch_delay": _seconds(0.0, 60),
+    "birthday_sockets": _int_range(0, 1024),
+    "birthday_probes": _int_range(0, 64512),
     "duplicate_probe_timeout": _seconds(0.01, 600),
     "send_queue_size": _int_range(64 * 1024, 64 * 1024 * MiB),
     "event_queue_size": _int_range(16, 10_000_000),

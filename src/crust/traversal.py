@@ -132,7 +132,8 @@ class Traversal:
         self._upgrading: set[PeerId] = set()
         self.symmetric: bool | None = None
         """Our UDP mapping depends on the destination (learnt from two addresses of a node)."""
-        self.birthday = pp.BirthdayParams()
+        cfg = service.config
+        self.birthday = pp.BirthdayParams(sockets=cfg.birthday_sockets, probes=cfg.birthday_probes)
         self._promoted: list[UdpMux] = []
         """Birthday sockets that carried a punch, now serving their QUIC connection."""
         self._by_token: dict[bytes, _Punch] = {}
