@@ -13,6 +13,7 @@ Nothing is sent anywhere else. Without observers the command refuses to guess.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import time
@@ -101,9 +102,14 @@ async def netcheck(
     *,
     network_name: str = "crust",
     timeout: float = 5.0,
+    port_mapping: bool = False,
+    gateway: str | None = None,
 ) -> NetcheckReport:
-    """Run the checks; raises :class:`~crust.errors.ConfigError` for bad arguments."""
-    if not stun and not contacts:
+    """Run the checks; raises :class:`~crust.errors.ConfigError` for bad arguments.
+
+    ``port_mapping`` also asks the default gateway (or ``gateway``) which of PCP, NAT-PMP and
+    UPnP IGD answer."""
+    if not stun and not contacts and not port_mapping:
         raise errors.ConfigError("give at least one STUN server or crust contact", "stun")
     servers = [_parse_server(s) for s in stun]
     parsed = [Contact.parse(c, field="contact") for c in contacts]
@@ -126,7 +132,45 @@ async def netcheck(
                     report.observers.append(ObserverResult(text, "stun", False, error=str(exc)))
     if parsed:
         await _check_nodes(report, parsed, network_name, timeout)
+    if port_mapping:
+        report.port_mapping = await probe_port_mapping(gateway, timeout=min(timeout, 3.0))
     return report
+
+
+async def probe_port_mapping(gateway: str | None, *, timeout: float = 3.0) -> dict[str, bool]:
+    """Which port-mapping protocols the gateway answers (PCP ANNOUNCE, NAT-PMP external
+    address request, UPnP IGD discovery), asked concurrently."""
+    from crust.aio import portmap
+
+    gw = gateway if gateway is not None else portmap.default_gateway()
+    if gw is None:
+        return {"pcp": False, "natpmp": False, "upnp": False}
+
+    async def pcp() -> bool:
+        client = portmap.PcpClient(gw)
+        try:
+            await client.announce()
+            return True
+        finally:
+            client.close()
+
+    async def natpmp() -> bool:
+        client = portmap.NatPmpClient(gw)
+        try:
+            await client.external_address()
+            return True
+        finally:
+            client.close()
+
+    async def upnp() -> bool:
+        await portmap.IgdClient.discover(gw, timeout=timeout)
+        return True
+
+    names = ("pcp", "natpmp", "upnp")
+    results = await asyncio.gather(
+        *(asyncio.wait_for(f(), timeout) for f in (pcp, natpmp, upnp)), return_exceptions=True
+    )
+    return {n: r is True for n, r in zip(names, results, strict=True)}
 
 
 async def _check_nodes(

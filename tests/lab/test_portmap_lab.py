@@ -340,3 +340,17 @@ def test_service_behind_miniupnpd_is_reached_through_its_mappings(upnp_lab: Upnp
     assert not {e for e in left if e[2] == ul.inside_address}, left
     outer.command(cmd="quit")
     outer.expect("stopped")
+
+
+def test_netcheck_reports_the_port_mapping_protocols_that_answer(upnp_lab: UpnpLab) -> None:
+    import json
+    import sys
+
+    lab = upnp_lab.lab
+    pub = lab.host("pub").address
+    argv = [sys.executable, "-m", "crust.cli.main", "netcheck", "--stun", f"{pub}:3478", "--json"]
+    report = json.loads(lab.run("a", argv, timeout=60).stdout)
+    assert report["port_mapping"] == {"pcp": True, "natpmp": True, "upnp": True}, report
+    # and without a gateway that speaks any of them (the public host has none)
+    report = json.loads(lab.run("pub", argv, timeout=60).stdout)
+    assert report["port_mapping"] == {"pcp": False, "natpmp": False, "upnp": False}

@@ -76,19 +76,47 @@ def _yn(value: object) -> str:
 @click.option("--network", default="crust", metavar="NAME", help="Network name of the nodes.")
 @click.option("--timeout", default=5.0, show_default=True, help="Seconds per observer.")
 @click.option("--json", "json_mode", is_flag=True, help="One JSON object on stdout.")
+@click.option(
+    "--port-mapping/--no-port-mapping",
+    default=True,
+    show_default=True,
+    help="Ask the default gateway which of PCP, NAT-PMP and UPnP IGD answer.",
+)
+@click.option(
+    "--gateway",
+    default=None,
+    metavar="IP",
+    help="The gateway to ask (default: the default route's).",
+)
 def netcheck_command(
-    stun: tuple[str, ...], contacts: tuple[str, ...], network: str, timeout: float, json_mode: bool
+    stun: tuple[str, ...],
+    contacts: tuple[str, ...],
+    network: str,
+    timeout: float,
+    json_mode: bool,
+    port_mapping: bool,
+    gateway: str | None,
 ) -> None:
     """Report the external address(es), the NAT's mapping and filtering class, whether UDP
     works, hairpinning and the latency to each observer.
 
     Without --stun and --contact it asks two public STUN servers (Google's and
-    Cloudflare's); give your own observers to keep every packet on your network.
+    Cloudflare's); give your own observers to keep every packet on your network. It also asks
+    the default gateway for port mapping unless --no-port-mapping.
     """
     if not stun and not contacts:
         stun = DEFAULT_STUN
     try:
-        report = asyncio.run(netcheck(stun, contacts, network_name=network, timeout=timeout))
+        report = asyncio.run(
+            netcheck(
+                stun,
+                contacts,
+                network_name=network,
+                timeout=timeout,
+                port_mapping=port_mapping,
+                gateway=gateway,
+            )
+        )
     except ConfigError as exc:
         raise click.BadParameter(str(exc), param_hint=f"'--{exc.field or 'stun'}'") from None
     if json_mode:
