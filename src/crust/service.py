@@ -47,6 +47,7 @@ from crust.proto.session import (
     Session,
     SessionEvent,
     SessionParams,
+    SignatureRejected,
     State,
 )
 from crust.proto.stun import StunResponder
@@ -82,6 +83,9 @@ class _Counters:
         self.blacklisted = 0
         self.duplicates_closed = 0
         self.by_path: dict[str, int] = {}
+        self.signed_sent = 0
+        self.signed_received = 0
+        self.signature_failures = 0
 
     def absorb(self, session: Session) -> None:
         self.bytes_sent += session.bytes_sent
@@ -90,6 +94,9 @@ class _Counters:
         self.messages_received += session.messages_received
         for prio, n in session.dropped.items():
             self.dropped[prio] = self.dropped.get(prio, 0) + n
+        self.signed_sent += session.signed_sent
+        self.signed_received += session.signed_received
+        self.signature_failures += session.signature_failures
 
 
 class Service:
@@ -966,6 +973,9 @@ class Service:
             self._on_session_closed(conn, event)
         elif isinstance(event, ControlReceived):
             self._on_control(conn, event)
+        elif isinstance(event, SignatureRejected):
+            log.warning("%r: signed message %d rejected (%s)", conn, event.sequence, event.reason)
+            self._emit(AbuseDetected(conn.remote, conn.peer_id, "forged-signature"))
 
     def _on_control(self, conn: Connection, event: ControlReceived) -> None:
         if not conn.policy_ok:
@@ -1141,13 +1151,21 @@ class Service:
     # ================================================================= messages
 
     async def send(
-        self, peer: PeerId, data: bytes | bytearray | memoryview, priority: int = 0
+        self,
+        peer: PeerId,
+        data: bytes | bytearray | memoryview,
+        priority: int = 0,
+        *,
+        signed: bool = False,
     ) -> None:
         """Queue ``data`` for ``peer``: reliable and ordered per peer and priority.
 
         Priority 0 is the most urgent (0..255). When the peer's queue is full, priorities 0
         and 1 wait for room; lower priorities drop the oldest queued messages of their own or
         lower urgency (counted in :meth:`statistics`).
+
+        ``signed=True`` attaches an Ed25519 signature of our identity over the message and
+        its context; the receiver verifies it and gets a proof (``MessageReceived.proof``).
         """
         if type(priority) is not int or not 0 <= priority <= 255:
             raise errors.InvalidArgument(f"priority must be an int 0..255, not {priority!r}")
@@ -1168,7 +1186,7 @@ class Service:
                 conn = self._active.get(peer)
                 if conn is None:
                     raise errors.NotConnected(f"connection to {peer} lost while sending")
-        conn.send(data, priority)
+        conn.send(data, priority, signed)
 
     async def disconnect(self, peer: PeerId) -> None:
         """Close the connection to ``peer`` cleanly (queued messages are sent first)."""
@@ -1302,6 +1320,9 @@ class Service:
             blacklisted=c.blacklisted,
             duplicates_closed=c.duplicates_closed,
             connects_by_path=dict(c.by_path),
+            signed_messages_sent=c.signed_sent + sum(s.signed_sent for s in live),
+            signed_messages_received=c.signed_received + sum(s.signed_received for s in live),
+            signature_failures=c.signature_failures + sum(s.signature_failures for s in live),
             **self._traversal_counters(),
         )
 

@@ -63,3 +63,8 @@ class Statistics:
     relay_bytes: int = 0
     relay_refused: int = 0
     """Circuits refused or cut (limits, unknown peers, malformed traffic)."""
+    signed_messages_sent: int = 0
+    signed_messages_received: int = 0
+    """Signed messages verified and delivered."""
+    signature_failures: int = 0
+    """Signed messages rejected: forged, mismatched or replayed (not delivered)."""
