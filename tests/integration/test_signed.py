@@ -70,3 +70,7 @@ async def test_signed_messages_and_rejections(make: Callable[..., Any], transpor
     assert sb.signature_failures == 2
     assert sb.signed_messages_received == 4
     assert sa.signed_messages_sent == 4
+    assert sb.abuse_by_kind == {"forged-signature": 2} and sb.abuse_events == 2
+    assert sb.messages_received_by_transport == {transport: 5}
+    assert sb.bytes_received_by_transport[transport] > 300_000
+    assert sa.bytes_sent_by_transport[transport] == sa.bytes_sent

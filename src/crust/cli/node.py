@@ -27,6 +27,7 @@ from crust.cli.protocol import (
     dumps,
     encode_event,
     error_fields,
+    get_bool,
     get_data,
     get_int,
     get_peer,
@@ -270,11 +271,12 @@ class Node:
         peer = get_peer(cmd)
         data = get_data(cmd)
         priority = get_int(cmd, "priority", 0)
+        signed = get_bool(cmd, "signed", False)
         entry = self._send_locks.setdefault(peer, _PeerLock())
         entry.users += 1
         try:
             async with entry.lock:
-                await self.svc.send(peer, data, priority)
+                await self.svc.send(peer, data, priority, signed=signed)
         finally:
             entry.users -= 1
             if entry.users == 0:
