@@ -74,3 +74,41 @@ async def test_signed_messages_and_rejections(make: Callable[..., Any], transpor
     assert sb.messages_received_by_transport == {transport: 5}
     assert sb.bytes_received_by_transport[transport] > 300_000
     assert sa.bytes_sent_by_transport[transport] == sa.bytes_sent
+
+
+async def test_signed_messages_across_the_relay_to_direct_handover(
+    make: Callable[..., Any], transport: str
+) -> None:
+    """Signed messages sent before and after a relayed connection is replaced by a punched
+    one: every message arrives once, in order, verified; each connection numbers its own
+    sequence."""
+    listen = (f"{transport}://127.0.0.1:0",)
+    node, wn = await make(listen=(*listen, "tcp://127.0.0.1:0"))
+    a, wa = await make(listen=listen)
+    b, wb = await make(listen=listen)
+    await a.connect(node.contacts())
+    await b.connect(node.contacts())
+    await wn.count(PeerConnected, 2)
+    assert await a._relayed(b.peer_id) == b.peer_id
+    await wb.wait(PeerConnected, lambda e: e.path == "relayed")
+    n = 200
+    for i in range(n // 2):
+        await a.send(b.peer_id, i.to_bytes(4, "big") + bytes(2000), signed=True)
+    assert a._traversal is not None
+    await a._traversal.punch(b.peer_id)  # the relayed path drains while the new one starts
+    await wa.wait(PeerConnected, lambda e: e.path == "punched")
+    for i in range(n // 2, n):
+        await a.send(b.peer_id, i.to_bytes(4, "big") + bytes(2000), signed=True)
+    got = await wb.messages(n, timeout=20)
+    assert [int.from_bytes(m.data[:4], "big") for m in got] == list(range(n))
+    proofs = [m.proof for m in got]
+    assert all(p is not None and verify_proof(p, sender=a.peer_id) for p in proofs)
+    by_conn: dict[bytes, list[int]] = {}
+    for p in proofs:
+        assert p is not None
+        by_conn.setdefault(p.connection, []).append(p.sequence)
+    for seqs in by_conn.values():
+        assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    assert len(by_conn) == 2  # each connection signed with its own id and sequence
+    assert b.statistics().signature_failures == 0
+    assert b.connection(a.peer_id).path == "punched"
