@@ -125,3 +125,25 @@ def test_cli_metrics_and_verbose_logging(nodes: Callable[..., NodeProcess]) -> N
     assert any(f"peer {short_b} connected: tcp direct" in line for line in log.splitlines()), log
     # quiet by default
     assert b.stderr_path.read_text() == ""
+
+
+async def test_exporter_refuses_bad_requests_and_a_busy_port(make: Callable[..., Any]) -> None:
+    svc, _ = await make()
+    async with MetricsExporter(svc) as exporter:
+        for request, status in (
+            (b"POST /metrics HTTP/1.1\r\n\r\n", b"405"),
+            (b"garbage\r\n\r\n", b"405"),
+            (b"GET /metrics HTTP/1.1\r\n" + b"X: " + b"y" * 10_000 + b"\r\n\r\n", b""),
+        ):
+            reader, writer = await asyncio.open_connection("127.0.0.1", exporter.port)
+            writer.write(request)
+            await writer.drain()
+            async with asyncio.timeout(10):
+                answer = await reader.read()  # the server answers (or not) and closes
+            writer.close()
+            assert answer.split(b" ")[1:2] == ([status] if status else [])
+        with pytest.raises(errors.ConfigError) as info:
+            await MetricsExporter(svc, port=exporter.port).start()
+        assert info.value.field == "metrics_port"
+    with pytest.raises(errors.ConfigError):
+        MetricsExporter(svc, port=70000)
