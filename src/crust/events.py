@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from crust.identity import PeerId
+from crust.signing import SignedMessage
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +59,11 @@ class MessageReceived(Event):
     peer: PeerId
     data: bytes
     priority: int
+    signature: bytes | None = None
+    """The sender's Ed25519 signature when it sent with ``signed=True`` (already verified)."""
+    proof: SignedMessage | None = None
+    """For a signed message: the proof to keep (``proof.to_bytes()``) and check later with
+    :func:`crust.signing.verify_proof`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +96,8 @@ class AbuseDetected(Event):
     address: str
     peer: PeerId | None
     kind: str
-    """What happened: ``"garbage"``, ``"oversized"``, ``"flood"``, ``"limit"``, ``"handshake"``…"""
+    """What happened: ``"garbage"``, ``"oversized"``, ``"flood"``, ``"limit"``, ``"handshake"``,
+    ``"forged-signature"``…"""
 
 
 __all__ = [

@@ -47,6 +47,7 @@ from crust.proto.session import (
     Session,
     SessionEvent,
     SessionParams,
+    SignatureRejected,
     State,
 )
 from crust.proto.stun import StunResponder
@@ -82,14 +83,29 @@ class _Counters:
         self.blacklisted = 0
         self.duplicates_closed = 0
         self.by_path: dict[str, int] = {}
+        self.signed_sent = 0
+        self.signed_received = 0
+        self.signature_failures = 0
+        self.abuse: dict[str, int] = {}
+        self.limits_hit = 0
+        # per transport: [bytes sent, bytes received, messages sent, messages received]
+        self.by_transport: dict[str, list[int]] = {}
 
-    def absorb(self, session: Session) -> None:
+    def absorb(self, session: Session, transport: str) -> None:
+        t = self.by_transport.setdefault(transport, [0, 0, 0, 0])
+        t[0] += session.bytes_sent
+        t[1] += session.bytes_received
+        t[2] += session.messages_sent
+        t[3] += session.messages_received
         self.bytes_sent += session.bytes_sent
         self.bytes_received += session.bytes_received
         self.messages_sent += session.messages_sent
         self.messages_received += session.messages_received
         for prio, n in session.dropped.items():
             self.dropped[prio] = self.dropped.get(prio, 0) + n
+        self.signed_sent += session.signed_sent
+        self.signed_received += session.signed_received
+        self.signature_failures += session.signature_failures
 
 
 class Service:
@@ -130,6 +146,7 @@ class Service:
         self._pongs: dict[Connection, asyncio.Event] = {}
         self._replaced: set[Connection] = set()
         self._handover: dict[Connection, list[MessageReceived]] = {}
+        self._log_paths: dict[PeerId, str] = {}  # peer -> "transport path", for log lines
         self._draining: set[Connection] = set()
         """Replaced (relayed) connections still delivering what was in flight."""
         """Connections whose messages wait for the connection they replace to drain."""
@@ -399,6 +416,7 @@ class Service:
             self._hook(client)
             self._client_muxes[host] = client
         if not client.can_dial():
+            self._counters.limits_hit += 1
             raise errors.LimitExceeded("max_connections reached")
         return client
 
@@ -857,6 +875,12 @@ class Service:
         if self._address_blocked(host):
             self._counters.blacklisted += 1
             return "address blacklisted"
+        reason = self._limit_refusal(host)
+        if reason is not None:
+            self._counters.limits_hit += 1
+        return reason
+
+    def _limit_refusal(self, host: str) -> str | None:
         cfg = self.config
         if len(self._conns) >= cfg.max_connections:
             return "max_connections reached"
@@ -964,6 +988,9 @@ class Service:
             self._on_session_closed(conn, event)
         elif isinstance(event, ControlReceived):
             self._on_control(conn, event)
+        elif isinstance(event, SignatureRejected):
+            log.warning("%r: signed message %d rejected (%s)", conn, event.sequence, event.reason)
+            self._emit(AbuseDetected(conn.remote, conn.peer_id, "forged-signature"))
 
     def _on_control(self, conn: Connection, event: ControlReceived) -> None:
         if not conn.policy_ok:
@@ -984,6 +1011,7 @@ class Service:
             self._fail_ready(conn, errors.Blacklisted(f"peer {peer} is blacklisted"))
             conn.close(CloseCode.BLACKLISTED, "")
             return
+        log.debug("%r: handshake completed with peer %s", conn, peer.short())
         self._remember(peer, event.hello.get("contacts", []))
         if self._traversal is not None:
             self._traversal.observe(conn, event.hello.get("observed"))
@@ -1114,7 +1142,7 @@ class Service:
             self._relay.connection_closed(conn)
         self._conns.discard(conn)
         self._replaced.discard(conn)
-        self._counters.absorb(conn.session)
+        self._counters.absorb(conn.session, conn.transport_name)
         peer = conn.peer_id
         if peer is not None and self._active.get(peer) is conn:
             del self._active[peer]
@@ -1139,13 +1167,21 @@ class Service:
     # ================================================================= messages
 
     async def send(
-        self, peer: PeerId, data: bytes | bytearray | memoryview, priority: int = 0
+        self,
+        peer: PeerId,
+        data: bytes | bytearray | memoryview,
+        priority: int = 0,
+        *,
+        signed: bool = False,
     ) -> None:
         """Queue ``data`` for ``peer``: reliable and ordered per peer and priority.
 
         Priority 0 is the most urgent (0..255). When the peer's queue is full, priorities 0
         and 1 wait for room; lower priorities drop the oldest queued messages of their own or
         lower urgency (counted in :meth:`statistics`).
+
+        ``signed=True`` attaches an Ed25519 signature of our identity over the message and
+        its context; the receiver verifies it and gets a proof (``MessageReceived.proof``).
         """
         if type(priority) is not int or not 0 <= priority <= 255:
             raise errors.InvalidArgument(f"priority must be an int 0..255, not {priority!r}")
@@ -1166,7 +1202,7 @@ class Service:
                 conn = self._active.get(peer)
                 if conn is None:
                     raise errors.NotConnected(f"connection to {peer} lost while sending")
-        conn.send(data, priority)
+        conn.send(data, priority, signed)
 
     async def disconnect(self, peer: PeerId) -> None:
         """Close the connection to ``peer`` cleanly (queued messages are sent first)."""
@@ -1208,6 +1244,23 @@ class Service:
         return EventStream(self._events)
 
     def _emit(self, event: Event) -> None:
+        if isinstance(event, PeerConnected):
+            self._log_paths[event.peer] = f"{event.transport} {event.path}"
+            log.info(
+                "peer %s connected: %s %s, %s %s",
+                event.peer.short(),
+                event.transport,
+                event.path,
+                "outbound to" if event.outbound else "inbound from",
+                event.remote,
+            )
+        elif isinstance(event, PeerLost):
+            path = self._log_paths.pop(event.peer, "?")
+            log.info("peer %s lost (%s): %s", event.peer.short(), path, event.reason)
+        elif isinstance(event, AbuseDetected):
+            self._counters.abuse[event.kind] = self._counters.abuse.get(event.kind, 0) + 1
+            who = event.peer.short() if event.peer is not None else "?"
+            log.info("abuse from %s (peer %s): %s", event.address, who, event.kind)
         self._events.put(event)
 
     def _pause_reading(self) -> None:
@@ -1281,6 +1334,14 @@ class Service:
         for s in live:
             for prio, n in s.dropped.items():
                 dropped[prio] = dropped.get(prio, 0) + n
+        by_transport = {name: list(v) for name, v in c.by_transport.items()}
+        for conn in self._conns:
+            t = by_transport.setdefault(conn.transport_name, [0, 0, 0, 0])
+            s = conn.session
+            t[0] += s.bytes_sent
+            t[1] += s.bytes_received
+            t[2] += s.messages_sent
+            t[3] += s.messages_received
         return Statistics(
             peers=len(self._active),
             connections=len(self._conns),
@@ -1300,6 +1361,16 @@ class Service:
             blacklisted=c.blacklisted,
             duplicates_closed=c.duplicates_closed,
             connects_by_path=dict(c.by_path),
+            signed_messages_sent=c.signed_sent + sum(s.signed_sent for s in live),
+            signed_messages_received=c.signed_received + sum(s.signed_received for s in live),
+            signature_failures=c.signature_failures + sum(s.signature_failures for s in live),
+            bytes_sent_by_transport={k: v[0] for k, v in by_transport.items()},
+            bytes_received_by_transport={k: v[1] for k, v in by_transport.items()},
+            messages_sent_by_transport={k: v[2] for k, v in by_transport.items()},
+            messages_received_by_transport={k: v[3] for k, v in by_transport.items()},
+            abuse_events=sum(c.abuse.values()),
+            abuse_by_kind=dict(c.abuse),
+            limits_hit=c.limits_hit,
             **self._traversal_counters(),
         )
 

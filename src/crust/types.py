@@ -63,3 +63,19 @@ class Statistics:
     relay_bytes: int = 0
     relay_refused: int = 0
     """Circuits refused or cut (limits, unknown peers, malformed traffic)."""
+    signed_messages_sent: int = 0
+    signed_messages_received: int = 0
+    """Signed messages verified and delivered."""
+    signature_failures: int = 0
+    """Signed messages rejected: forged, mismatched or replayed (not delivered)."""
+    bytes_sent_by_transport: dict[str, int] = field(default_factory=dict)
+    """``bytes_sent`` split by transport (``"tcp"``, ``"quic"``)."""
+    bytes_received_by_transport: dict[str, int] = field(default_factory=dict)
+    messages_sent_by_transport: dict[str, int] = field(default_factory=dict)
+    messages_received_by_transport: dict[str, int] = field(default_factory=dict)
+    abuse_events: int = 0
+    """AbuseDetected events reported."""
+    abuse_by_kind: dict[str, int] = field(default_factory=dict)
+    limits_hit: int = 0
+    """Connections refused or not dialled because a configured limit was reached
+    (max_connections, max_pending_handshakes, max_connections_per_ip)."""

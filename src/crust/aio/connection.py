@@ -116,8 +116,8 @@ class Connection:
 
     # ----------------------------------------------------------- from the service
 
-    def send(self, data: bytes, priority: int) -> bool:
-        ok = self.session.send_message(data, priority)
+    def send(self, data: bytes, priority: int, signed: bool = False) -> bool:
+        ok = self.session.send_message(data, priority, signed)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self.flush)

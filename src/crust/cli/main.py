@@ -170,6 +170,21 @@ def id_command(identity_path: Path | None) -> None:
     help="Never touch the real network: loopback listener, no LAN beacon, no port mapping, "
     "no bootstrap cache (Config.for_testing()).",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    metavar="PORT",
+    help="Serve the statistics for Prometheus at http://HOST:PORT/metrics "
+    "(needs crust[metrics]; 0: any free port, shown in the ready line).",
+)
+@click.option(
+    "--metrics-host",
+    default="127.0.0.1",
+    show_default=True,
+    metavar="HOST",
+    help="Address the metrics endpoint binds to.",
+)
 @click.option("-v", "--verbose", count=True, help="Log more to stderr (-v info, -vv debug).")
 def node_command(
     config_file: Path | None,
@@ -179,6 +194,8 @@ def node_command(
     contacts: tuple[str, ...],
     json_mode: bool,
     testing: bool,
+    metrics_port: int | None,
+    metrics_host: str,
     verbose: int,
 ) -> None:
     """Run a node until {"cmd": "quit"}, SIGINT or SIGTERM.
@@ -195,7 +212,14 @@ def node_command(
     else:
         identity = _load_identity(default_identity_path())
     _setup_logging(verbose, json_mode)
-    opts = NodeOptions(config=config, identity=identity, contacts=contacts, json_mode=json_mode)
+    opts = NodeOptions(
+        config=config,
+        identity=identity,
+        contacts=contacts,
+        json_mode=json_mode,
+        metrics_port=metrics_port,
+        metrics_host=metrics_host,
+    )
     code = asyncio.run(run_node(opts))
     sys.exit(code)
 

@@ -27,6 +27,7 @@ from crust.cli.protocol import (
     dumps,
     encode_event,
     error_fields,
+    get_bool,
     get_data,
     get_int,
     get_peer,
@@ -96,6 +97,9 @@ class NodeOptions:
     identity: Identity
     contacts: tuple[str, ...] = ()
     json_mode: bool = False
+    metrics_port: int | None = None
+    """Serve the statistics for Prometheus on this port (0: any free port)."""
+    metrics_host: str = "127.0.0.1"
 
 
 class _PeerLock:
@@ -270,11 +274,12 @@ class Node:
         peer = get_peer(cmd)
         data = get_data(cmd)
         priority = get_int(cmd, "priority", 0)
+        signed = get_bool(cmd, "signed", False)
         entry = self._send_locks.setdefault(peer, _PeerLock())
         entry.users += 1
         try:
             async with entry.lock:
-                await self.svc.send(peer, data, priority)
+                await self.svc.send(peer, data, priority, signed=signed)
         finally:
             entry.users -= 1
             if entry.users == 0:
@@ -351,9 +356,22 @@ async def run_node(opts: NodeOptions) -> int:
             loop.add_signal_handler(sig, stop.set)
             installed.append(sig)
     svc = Service(opts.config, identity=opts.identity)
+    exporter = None
     try:
         await svc.start()
-        out.emit({"event": "ready", "peer_id": str(svc.peer_id), "contacts": svc.contacts()})
+        ready: JsonObject = {
+            "event": "ready",
+            "peer_id": str(svc.peer_id),
+            "contacts": svc.contacts(),
+        }
+        if opts.metrics_port is not None:
+            from crust.metrics import MetricsExporter
+
+            exporter = MetricsExporter(svc, host=opts.metrics_host, port=opts.metrics_port)
+            await exporter.start()
+            host = f"[{exporter.host}]" if ":" in exporter.host else exporter.host
+            ready["metrics"] = f"http://{host}:{exporter.port}/metrics"
+        out.emit(ready)
         if sys.stdin is not None and sys.stdin.isatty() and not opts.json_mode:
             out.note('commands: one JSON object per line, e.g. {"cmd": "peers"}; Ctrl-C stops')
         async with asyncio.TaskGroup() as tg:
@@ -366,6 +384,8 @@ async def run_node(opts: NodeOptions) -> int:
             node.cancel_all()
             await svc.aclose()  # ends the event stream, so the pump finishes
     finally:
+        if exporter is not None:
+            await exporter.aclose()
         await svc.aclose()
         for sig in installed:
             loop.remove_signal_handler(sig)

@@ -3,7 +3,9 @@
 Every output line is one JSON object with an ``"event"`` key. Library events are named by the
 snake_case of their class name and carry the event's dataclass fields: peer ids in text form,
 exceptions as ``"error"`` (class name) and ``"message"``, bytes as UTF-8 text when they decode
-(else ``"<field>_b64"``), durations in seconds.
+(else ``"<field>_b64"``), durations in seconds.  A signed message_received also carries
+``"signature"`` (base64) and ``"proof"`` (base64 of :meth:`crust.signing.SignedMessage.to_bytes`);
+the send command takes ``"signed": true``.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from crust.errors import BootstrapFailed, ConfigError, InvalidArgument
-from crust.events import Event
+from crust.events import Event, MessageReceived
 from crust.identity import PeerId
+from crust.signing import SignedMessage
 
 JsonObject = dict[str, Any]
 
@@ -88,7 +91,11 @@ def encode_event(event: Event) -> JsonObject:
     out: JsonObject = {"event": snake_case(type(event).__name__)}
     for f in dataclasses.fields(event):
         value = getattr(event, f.name)
-        if isinstance(value, BaseException):
+        if f.name in ("signature", "proof") and isinstance(event, MessageReceived):
+            if value is not None:  # unsigned messages keep their old shape
+                raw = value.to_bytes() if isinstance(value, SignedMessage) else value
+                out[f.name] = base64.b64encode(raw).decode("ascii")
+        elif isinstance(value, BaseException):
             if "error" in out:
                 out[f.name] = error_fields(value)
             else:
@@ -150,6 +157,14 @@ def get_int(obj: JsonObject, name: str, default: int) -> int:
     value = obj.get(name, default)
     if isinstance(value, bool) or not isinstance(value, int):
         raise BadCommand(f'"{name}" must be an integer, not {_kind(value)}')
+    return value
+
+
+def get_bool(obj: JsonObject, name: str, default: bool) -> bool:
+    """The optional boolean field ``name``."""
+    value = obj.get(name, default)
+    if not isinstance(value, bool):
+        raise BadCommand(f'"{name}" must be a boolean, not {_kind(value)}')
     return value
 
 

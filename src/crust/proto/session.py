@@ -21,6 +21,11 @@ key: that binds the authenticated Noise key to the peer id.
 A record's plaintext is a sequence of frames ``kind u8 | priority u8 | length u32 | body``.
 Messages larger than what fits in a record are fragmented (FIRST carries the total length);
 a more urgent message may interleave with the fragments of a less urgent one.
+
+Signed messages (``send_message(..., signed=True)``) use their own kinds, SMSG and SFIRST (then
+MORE/LAST as usual); their body starts with ``sequence u64 | Ed25519 signature (64)`` followed
+by the data (see :mod:`crust.signing` for what is signed).  The whole header is always in the
+SMSG/SFIRST frame, so the receiver checks the sequence when the message starts.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from crust.errors import (
 from crust.events import MessageReceived
 from crust.identity import Identity, PeerId
 from crust.proto.noise import TAG_LEN, CipherState, HandshakeState, TransportKeys
+from crust.signing import SIGNED_HEADER, SIGNED_HEADER_LEN, SignedMessage, signing_input
 
 MAGIC = b"CRST"
 VERSION = 1
@@ -79,6 +85,8 @@ class Kind(enum.IntEnum):
     FIRST = 2
     MORE = 3
     LAST = 4
+    SMSG = 5
+    SFIRST = 6
     PING = 16
     PONG = 17
     CLOSE = 32
@@ -131,6 +139,15 @@ class ControlReceived:
 
 
 @dataclass(frozen=True, slots=True)
+class SignatureRejected:
+    """A signed message was not delivered: its signature is invalid (``"forged"``) or its
+    sequence number does not increase (``"replayed"``)."""
+
+    reason: str
+    sequence: int
+
+
+@dataclass(frozen=True, slots=True)
 class PongReceived:
     token: int
     rtt: float | None
@@ -152,6 +169,7 @@ SessionEvent = (
     | Accepted
     | ControlReceived
     | PongReceived
+    | SignatureRejected
     | Closed
     | MessageReceived
 )
@@ -199,20 +217,24 @@ class SessionParams:
 
 
 class _OutMessage:
-    __slots__ = ("data", "offset", "priority")
+    __slots__ = ("data", "offset", "priority", "sealed", "signed")
 
-    def __init__(self, data: bytes, priority: int) -> None:
+    def __init__(self, data: bytes, priority: int, signed: bool = False) -> None:
         self.data = data
         self.priority = priority
         self.offset = 0
+        self.signed = signed
+        self.sealed = False  # signed: the sequence and signature are prepended to data
 
 
 class _Partial:
-    __slots__ = ("buf", "filled")
+    __slots__ = ("buf", "filled", "replayed", "signed")
 
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int, signed: bool = False, replayed: bool = False) -> None:
         self.buf = bytearray(total)
         self.filled = 0
+        self.signed = signed
+        self.replayed = replayed
 
 
 # ----------------------------------------------------------------------------- session
@@ -246,6 +268,12 @@ class Session:
         self.messages_sent = 0
         self.messages_received = 0
         self.dropped: dict[int, int] = {}
+        self.signed_sent = 0
+        self.signed_received = 0
+        self.signature_failures = 0
+        self.handshake_hash = b""
+        self._sign_seq = 0  # the sequence of our last signed message
+        self._sign_seen = 0  # the greatest sequence of the peer's signed messages
         self._observed = observed
         self._noise: HandshakeState | None = HandshakeState(
             initiator, params.prologue, params.static_key
@@ -300,10 +328,12 @@ class Session:
             self.state in (State.ESTABLISHED, State.CLOSING) and bool(self._control or self._active)
         )
 
-    def send_message(self, data: bytes, priority: int) -> bool:
+    def send_message(self, data: bytes, priority: int, signed: bool = False) -> bool:
         """Queue a message. Returns False when it was dropped (priority >= 2, queue full).
 
         Priorities 0 and 1 are never dropped: the caller waits while :attr:`queue_full`.
+        ``signed``: sign it with our identity when it starts to go out (the sequence number
+        then follows the wire order).
         """
         if self.state is not State.ESTABLISHED:
             raise ProtocolError("session is not established")
@@ -319,7 +349,7 @@ class Session:
             q = self._queues[priority] = deque()
         if not q:
             bisect.insort(self._active, priority)
-        q.append(_OutMessage(data, priority))
+        q.append(_OutMessage(data, priority, signed))
         self.queued_bytes += len(data)
         return True
 
@@ -616,8 +646,16 @@ class Session:
                 if self.state is not State.CLOSED:  # also while closing: nothing is lost
                     events.append(MessageReceived(peer, bytes(plain[pos : pos + n]), prio))
                     self.messages_received += 1
-            elif Kind.FIRST <= kind <= Kind.LAST:
+            elif Kind.FIRST <= kind <= Kind.LAST or kind == Kind.SFIRST:
                 self._fragment(kind, prio, pos, n)
+            elif kind == Kind.SMSG:
+                if n < SIGNED_HEADER_LEN:
+                    raise ProtocolError("signed message shorter than its signature")
+                if n - SIGNED_HEADER_LEN > self.params.max_message_size:
+                    raise ProtocolError("incoming message larger than max_message_size")
+                replayed = self._check_sequence(pos)
+                if self.state is not State.CLOSED:
+                    self._signed_received(bytes(plain[pos : pos + n]), prio, replayed)
             else:
                 self._control_frame(kind, bytes(plain[pos : pos + n]), now)
             pos += n
@@ -625,15 +663,18 @@ class Session:
     def _fragment(self, kind: int, prio: int, pos: int, n: int) -> None:
         plain = self._plain
         part = self._partials.get(prio)
-        if kind == Kind.FIRST:
-            if part is not None or n < 4:
+        if kind == Kind.FIRST or kind == Kind.SFIRST:
+            signed = kind == Kind.SFIRST
+            extra = SIGNED_HEADER_LEN if signed else 0
+            if part is not None or n < 4 + extra:
                 raise ProtocolError("bad first fragment")
             (total,) = U32.unpack_from(plain, pos)
-            if total > self.params.max_message_size:
+            if total < extra or total - extra > self.params.max_message_size:
                 raise ProtocolError("incoming message larger than max_message_size")
-            if self._partial_in + total > PREEMPT_LIMIT + self.params.max_message_size:
+            if self._partial_in + total > PREEMPT_LIMIT + self.params.max_message_size + extra:
                 raise ProtocolError("too many interleaved partial messages")
-            part = self._partials[prio] = _Partial(total)
+            replayed = signed and self._check_sequence(pos + 4)
+            part = self._partials[prio] = _Partial(total, signed, replayed)
             self._partial_in += total
             pos += 4
             n -= 4
@@ -648,10 +689,50 @@ class Session:
                 raise ProtocolError("message shorter than announced")
             del self._partials[prio]
             self._partial_in -= len(part.buf)
-            if self.state is not State.CLOSED:
-                assert self.peer_id is not None
-                self.events.append(MessageReceived(self.peer_id, bytes(part.buf), prio))
-                self.messages_received += 1
+            if self.state is State.CLOSED:
+                return
+            if part.signed:
+                self._signed_received(bytes(part.buf), prio, part.replayed)
+                return
+            assert self.peer_id is not None
+            self.events.append(MessageReceived(self.peer_id, bytes(part.buf), prio))
+            self.messages_received += 1
+
+    def _check_sequence(self, pos: int) -> bool:
+        """Read the sequence of a signed message starting at ``pos``; True when it does not
+        increase (a replay).  Sequences are checked in the order messages start on the wire,
+        which is the order the sender numbered them."""
+        (seq,) = U64.unpack_from(self._plain, pos)
+        if seq <= self._sign_seen:
+            return True
+        self._sign_seen = seq
+        return False
+
+    def _signed_received(self, body: bytes, prio: int, replayed: bool) -> None:
+        peer = self.peer_id
+        assert peer is not None
+        seq, sig = SIGNED_HEADER.unpack_from(body)
+        data = body[SIGNED_HEADER_LEN:]
+        if replayed:
+            self.signature_failures += 1
+            self.events.append(SignatureRejected("replayed", seq))
+            return
+        proof = SignedMessage(
+            sender=peer,
+            receiver=self.params.identity.peer_id,
+            network=self.params.network_name,
+            connection=self.handshake_hash,
+            sequence=seq,
+            data=data,
+            signature=sig,
+        )
+        if not peer.verify(sig, proof.signing_input()):
+            self.signature_failures += 1
+            self.events.append(SignatureRejected("forged", seq))
+            return
+        self.events.append(MessageReceived(peer, data, prio, sig, proof))
+        self.messages_received += 1
+        self.signed_received += 1
 
     def _control_frame(self, kind: int, body: bytes, now: float) -> None:
         if kind == Kind.PING:
@@ -740,11 +821,13 @@ class Session:
                     self._active.clear()
             while self._active and MAX_PLAINTEXT - pos > FRAME_HEADER_LEN + 4:
                 msg = self._pick()
+                if msg.signed and not msg.sealed:
+                    self._seal(msg)
                 data = msg.data
                 remaining = len(data) - msg.offset
                 room = MAX_PLAINTEXT - pos - FRAME_HEADER_LEN
                 if msg.offset == 0 and remaining <= room:
-                    pack(plain, pos, Kind.MSG, msg.priority, remaining)
+                    pack(plain, pos, Kind.SMSG if msg.signed else Kind.MSG, msg.priority, remaining)
                     pos += FRAME_HEADER_LEN
                     plain[pos : pos + remaining] = data
                     pos += remaining
@@ -754,7 +837,15 @@ class Session:
                     if remaining <= SMALL_MESSAGE and pos > 0:
                         break  # keep small messages whole: next record
                     chunk = room - 4
-                    pack(plain, pos, Kind.FIRST, msg.priority, chunk + 4)
+                    if msg.signed and chunk < SIGNED_HEADER_LEN:
+                        break  # the signature header goes whole in the first fragment
+                    pack(
+                        plain,
+                        pos,
+                        Kind.SFIRST if msg.signed else Kind.FIRST,
+                        msg.priority,
+                        chunk + 4,
+                    )
                     U32.pack_into(plain, pos + FRAME_HEADER_LEN, len(data))
                     pos += FRAME_HEADER_LEN + 4
                     plain[pos : pos + chunk] = data[:chunk]
@@ -781,6 +872,24 @@ class Session:
             self._out.append(record)
             self.bytes_sent += len(record)
             produced += len(record)
+
+    def _seal(self, msg: _OutMessage) -> None:
+        """Number and sign a signed message as it starts to go out."""
+        peer = self.peer_id
+        assert peer is not None
+        self._sign_seq += 1
+        seq = self._sign_seq
+        me = self.params.identity
+        sig = me.sign(
+            signing_input(
+                me.peer_id, peer, self.handshake_hash, seq, self.params.network_name, msg.data
+            )
+        )
+        header = SIGNED_HEADER.pack(seq, sig)
+        msg.data = header + msg.data
+        msg.sealed = True
+        self.queued_bytes += SIGNED_HEADER_LEN
+        self.signed_sent += 1
 
     def _pick(self) -> _OutMessage:
         """The next message to (continue to) send: the most urgent one, unless starting it

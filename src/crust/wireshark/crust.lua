@@ -206,7 +206,8 @@ local STATUS = { [0] = "OK", [1] = "network mismatch", [2] = "version unsupporte
 local DIRECTION = { [0] = "initiator to responder", [1] = "responder to initiator" }
 local HANDSHAKE = { [1] = "-> e", [2] = "<- e, ee, s, es", [3] = "-> s, se" }
 local KIND = {
-    [1] = "MSG", [2] = "FIRST", [3] = "MORE", [4] = "LAST", [16] = "PING", [17] = "PONG",
+    [1] = "MSG", [2] = "FIRST", [3] = "MORE", [4] = "LAST", [5] = "SMSG", [6] = "SFIRST",
+    [16] = "PING", [17] = "PONG",
     [32] = "CLOSE", [33] = "SELECT", [34] = "ACCEPT", [48] = "CONTROL",
 }
 local CLOSE_CODE = {
