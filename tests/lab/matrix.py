@@ -111,6 +111,9 @@ class PunchLab:
                 node.wait_ready()
             for node in nodes:
                 node.expect("peer_connected", peer=self.pub.peer_id)
+                # and pub's side too: an introduction asked before pub has the other peer
+                # would be refused ("not connected to that peer") and fall back to the relay
+                self.pub.expect("peer_connected", peer=node.peer_id)
             yield nodes[0], nodes[1]
         finally:
             for node in nodes:
@@ -238,6 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--types", default=",".join(CONE_TYPES), help="NAT types, comma separated")
     parser.add_argument("--schemes", default=",".join(SCHEMES))
     parser.add_argument("--write", type=Path, help="write the markdown table to this file")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print failed trials' output")
     args = parser.parse_args(argv)
     from rich.console import Console
     from rich.table import Table
@@ -260,6 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{t.nat_a:>15} x {t.nat_b:<15} {t.scheme:4} {mark}[/] {t.path:8} "
             f"{1000 * t.seconds:6.0f} ms {t.error[:100]}"
         )
+        if not t.ok and args.verbose:
+            console.print(t.error, markup=False)
 
     results = run_matrix(types, args.trials, args.schemes.split(","), progress)
     rows = summarize(results)
