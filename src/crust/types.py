@@ -63,3 +63,5 @@ class Statistics:
     relay_bytes: int = 0
     relay_refused: int = 0
     """Circuits refused or cut (limits, unknown peers, malformed traffic)."""
+    discovery: dict[str, int] = field(default_factory=dict)
+    """LAN beacon and gossip counters (``beacon_forged``, ``gossip_learned``…)."""
