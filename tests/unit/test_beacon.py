@@ -329,3 +329,14 @@ def test_gossip_limiter() -> None:
     assert lim.allow(a, 5.0)
     assert lim.allow(b, 0.0) and lim.allow(c, 0.0)
     assert lim.allow(a, 5.1)  # a was evicted by the bound
+
+
+def test_cli_json_encodes_lan_peer_discovered() -> None:
+    from crust.cli.protocol import dumps, encode_event
+    from crust.events import LanPeerDiscovered
+
+    peer = Identity.generate().peer_id
+    contacts = (f"tcp://10.1.0.2:7000#{peer}", f"quic://10.1.0.2:7000#{peer}")
+    line = encode_event(LanPeerDiscovered(peer, contacts))
+    assert line == {"event": "lan_peer_discovered", "peer": str(peer), "contacts": list(contacts)}
+    assert '"lan_peer_discovered"' in dumps(line)

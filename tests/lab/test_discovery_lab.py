@@ -1,0 +1,97 @@
+"""LAN discovery between real ``crust node`` processes on one lab LAN (never the real LAN).
+
+Nodes run *without* ``--testing``, with a config file that keeps the beacon on and turns off
+what would reach beyond the lab (port mapping, the bootstrap cache file).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.lab.conftest import LabFactory
+from tests.lab.netlab import HostSpec, Lab, LabSpec, RouterSpec
+from tests.nodeproc import NodeProcess
+
+pytestmark = pytest.mark.lab
+
+DISCOVERY_PORT = 5484
+
+
+def config_file(tmp_path: Path, network: str) -> Path:
+    path = tmp_path / f"{network}.toml"
+    path.write_text(
+        f'network_name = "{network}"\n'
+        'listen = ["tcp://0.0.0.0:7000", "quic://0.0.0.0:7000"]\n'
+        "port_mapping = false\n"
+        "bootstrap_cache = false\n"
+        "service_discovery = true\n"
+        f"service_discovery_port = {DISCOVERY_PORT}\n"
+    )
+    return path
+
+
+def start(lab: Lab, host: str, tmp_path: Path, index: int, network: str) -> NodeProcess:
+    node = NodeProcess(
+        [
+            "--config",
+            str(config_file(tmp_path, network)),
+            "--identity",
+            str(tmp_path / f"{host}.id"),
+        ],
+        tmp_path,
+        index,
+        subprocess.PIPE,
+        wrap=lab.exec_argv(host, []),
+        wait=False,
+        testing=False,
+    )
+    lab.add_cleanup(node.close)
+    node.wait_ready()
+    return node
+
+
+def test_new_node_finds_lan_peers_within_a_second_and_connects(
+    lab_factory: LabFactory, tmp_path: Path
+) -> None:
+    spec = LabSpec(
+        routers=[RouterSpec("ra", nat="port-restricted")],
+        hosts=[HostSpec(h, router="ra") for h in ("a", "b", "c", "x")],
+    )
+    lab = lab_factory(spec)
+    a = start(lab, "a", tmp_path, 1, "crust")
+    b = start(lab, "b", tmp_path, 2, "crust")
+    # a and b find each other (b's start query is answered by a)
+    b.expect("lan_peer_discovered", peer=a.peer_id)
+    a.expect("lan_peer_discovered", peer=b.peer_id)
+    other = start(lab, "x", tmp_path, 3, "elsewhere")
+    began = time.monotonic()
+    c = start(lab, "c", tmp_path, 4, "crust")
+    found = {
+        c.expect("lan_peer_discovered", timeout=5.0)["peer"],
+        c.expect("lan_peer_discovered", timeout=5.0)["peer"],
+    }
+    elapsed = time.monotonic() - began
+    assert found == {a.peer_id, b.peer_id}
+    # "within a second" of the new node's ready line: answers wait at most 0.2 s (+ the
+    # process start, which is measured from before the spawn and reported, not asserted)
+    print(f"new node discovered both LAN peers {elapsed:.2f} s after its spawn")
+    line = c.seen("lan_peer_discovered")[0]
+    lab_contacts = [x for x in line["contacts"] if x.startswith("tcp://10.")]
+    assert lab_contacts and all(x.endswith("#" + line["peer"]) for x in line["contacts"])
+    # c connects to a by peer id alone: directly, on the LAN contact from the beacon
+    c.command(cmd="connect", to=a.peer_id, id="k")
+    c.expect("connected", id="k", timeout=10.0)
+    ev = c.expect("peer_connected", peer=a.peer_id)
+    assert ev["path"] == "direct" and ev["remote"].split("://")[1].startswith(
+        lab.host("a").address + ":"
+    )
+    # the node of another network was never reported, and it ignored ours
+    for node in (a, b, c):
+        assert other.peer_id not in {x["peer"] for x in node.seen("lan_peer_discovered")}
+    other.command(cmd="peers")
+    other.expect("peers")
+    assert other.seen("lan_peer_discovered") == []
