@@ -1173,6 +1173,7 @@ class Service:
             log.warning("LAN discovery off: %s", exc)
             return
         self._discovery = disc
+        self._bootstrapper.lan_peers = disc.peers
 
     def _on_lan_peer(self, peer: PeerId, contacts: tuple[str, ...]) -> None:
         self._remember(peer, contacts)

@@ -340,3 +340,25 @@ def test_cli_json_encodes_lan_peer_discovered() -> None:
     line = encode_event(LanPeerDiscovered(peer, contacts))
     assert line == {"event": "lan_peer_discovered", "peer": str(peer), "contacts": list(contacts)}
     assert '"lan_peer_discovered"' in dumps(line)
+
+
+def test_bootstrap_tries_lan_peers_last() -> None:
+    from crust.bootstrap import Bootstrapper
+    from crust.config import Config
+
+    me, lan = Identity.generate().peer_id, Identity.generate().peer_id
+
+    async def connect(target: object) -> PeerId:
+        raise AssertionError("not dialled here")
+
+    boot = Bootstrapper(
+        Config.for_testing(hard_coded_contacts=("tcp://192.0.2.1:1",)),
+        me,
+        connect=connect,
+        emit=lambda e: None,
+        spawn=lambda c: c.close(),
+    )
+    assert [a.contacts for a in boot.attempts()] == [("tcp://192.0.2.1:1",)]
+    pinned = (f"tcp://10.1.0.3:7000#{lan}", f"quic://10.1.0.3:7000#{lan}")
+    boot.lan_peers = lambda: {lan: pinned, me: (f"tcp://10.1.0.4:7000#{me}",)}
+    assert [a.contacts for a in boot.attempts()] == [("tcp://192.0.2.1:1",), pinned]

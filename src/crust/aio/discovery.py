@@ -187,6 +187,13 @@ class LanDiscovery:
     def counters(self) -> dict[str, int]:
         return self.beacon.counters.as_dict()
 
+    def peers(self) -> dict[PeerId, tuple[str, ...]]:
+        """The LAN peers in the table, with contacts pinned to their peer ids."""
+        return {
+            peer: tuple(str(Contact.parse(c).with_peer(peer)) for c in contacts)
+            for peer, contacts in self.beacon.peers().items()
+        }
+
 
 GOSSIP_INTERVAL = 120.0
 
