@@ -80,3 +80,20 @@ async def test_gossip_is_rate_limited_and_garbage_is_rejected(make: Callable[...
     assert stats["gossip_rate_limited"] == 1
     assert stats["gossip_learned"] == 0
     assert a.is_connected(b.peer_id)
+
+
+async def test_a_peer_that_connects_later_is_pushed_to_the_others(
+    make: Callable[..., Any],
+) -> None:
+    a, _ = await make()
+    b, _ = await make()
+    c, _ = await make()
+    await a.connect(tcp(b))
+    c_learned = learned_event(a, c.peer_id)
+    await c.connect(tcp(b))
+    # B pushes its new direct peer to A once A's rate-limit gap has passed (≈ 5.5 s)
+    async with asyncio.timeout(TIMEOUT):
+        await c_learned.wait()
+    assert a.statistics().discovery["gossip_rate_limited"] == 0
+    assert await a.connect(c.peer_id) == c.peer_id
+    assert a.connection(c.peer_id).path == "direct"

@@ -196,6 +196,8 @@ class LanDiscovery:
 
 
 GOSSIP_INTERVAL = 120.0
+PUSH_DELAY = gossip.MIN_GAP + 0.5
+"""A new direct peer is told to the others this long after it connected (coalesced)."""
 
 
 class Gossip:
@@ -221,6 +223,9 @@ class Gossip:
         self.learn = learn
         self.interval = interval
         self.limiter = gossip.GossipLimiter()
+        self._outgoing = gossip.GossipLimiter()
+        """Our own sends, so that we never trip a peer's rate limit."""
+        self._changed = asyncio.Event()
         self.sent = 0
         self.received = 0
         self.learned = 0
@@ -234,16 +239,26 @@ class Gossip:
         return gossip.encode(entries)
 
     def connected(self, peer: PeerId) -> None:
-        """A connection to ``peer`` was kept: tell it our direct peers."""
+        """A connection to ``peer`` was kept: tell it our direct peers, and soon tell the
+        others about it (one coalesced push)."""
+        self._send_to(peer)
+        direct = self.direct()
+        if peer in direct and len(direct) > 1:
+            self._changed.set()
+
+    def _send_to(self, peer: PeerId) -> None:
         payload = self.payload_for(peer)
-        if payload is not None:
-            self.send(peer, payload)
-            self.sent += 1
+        if payload is None:
+            return
+        if not self._outgoing.allow(peer, asyncio.get_running_loop().time()):
+            return
+        self.send(peer, payload)
+        self.sent += 1
 
     def tick(self) -> None:
-        """The periodic round: every connected peer gets our current list."""
+        """A round: every connected peer gets our current list."""
         for peer in list(self.direct()):
-            self.connected(peer)
+            self._send_to(peer)
 
     def received_from(self, peer: PeerId, payload: Mapping[str, Any], now: float) -> None:
         self.received += 1
@@ -263,9 +278,16 @@ class Gossip:
             self.learned += 1
 
     async def run(self) -> None:
-        """Periodic rounds (every ``interval`` with ±25 % jitter), until cancelled."""
+        """Rounds every ``interval`` (±25 % jitter), and a push shortly after a new direct
+        peer connected (after the receivers' rate-limit gap), until cancelled."""
         while True:
-            await asyncio.sleep(self.interval * random.uniform(0.75, 1.25))
+            try:
+                async with asyncio.timeout(self.interval * random.uniform(0.75, 1.25)):
+                    await self._changed.wait()
+                await asyncio.sleep(PUSH_DELAY)
+            except TimeoutError:
+                pass
+            self._changed.clear()
             self.tick()
 
     def counters(self) -> dict[str, int]:
