@@ -21,11 +21,11 @@ pytestmark = pytest.mark.lab
 DISCOVERY_PORT = 5484
 
 
-def config_file(tmp_path: Path, network: str) -> Path:
-    path = tmp_path / f"{network}.toml"
+def config_file(tmp_path: Path, network: str, port: int) -> Path:
+    path = tmp_path / f"{network}-{port}.toml"
     path.write_text(
         f'network_name = "{network}"\n'
-        'listen = ["tcp://0.0.0.0:7000", "quic://0.0.0.0:7000"]\n'
+        f'listen = ["tcp://0.0.0.0:{port}", "quic://0.0.0.0:{port}"]\n'
         "port_mapping = false\n"
         "bootstrap_cache = false\n"
         "service_discovery = true\n"
@@ -34,13 +34,15 @@ def config_file(tmp_path: Path, network: str) -> Path:
     return path
 
 
-def start(lab: Lab, host: str, tmp_path: Path, index: int, network: str) -> NodeProcess:
+def start(
+    lab: Lab, host: str, tmp_path: Path, index: int, network: str, port: int = 7000
+) -> NodeProcess:
     node = NodeProcess(
         [
             "--config",
-            str(config_file(tmp_path, network)),
+            str(config_file(tmp_path, network, port)),
             "--identity",
-            str(tmp_path / f"{host}.id"),
+            str(tmp_path / f"{host}-{port}.id"),
         ],
         tmp_path,
         index,
@@ -103,3 +105,25 @@ def test_new_node_finds_lan_peers_within_a_second_and_connects(
     other.command(cmd="peers")
     other.expect("peers")
     assert other.seen("lan_peer_discovered") == []
+
+
+def test_two_nodes_on_one_host_share_the_discovery_port(
+    lab_factory: LabFactory, tmp_path: Path
+) -> None:
+    """SO_REUSEADDR/SO_REUSEPORT: a second node on the same host binds 5484 too, and both
+    receive the broadcasts (of the other host and of each other)."""
+    spec = LabSpec(
+        routers=[RouterSpec("ra", nat="port-restricted")],
+        hosts=[HostSpec(h, router="ra") for h in ("a", "b")],
+    )
+    lab = lab_factory(spec)
+    a1 = start(lab, "a", tmp_path, 1, "crust", 7000)
+    a2 = start(lab, "a", tmp_path, 2, "crust", 7001)
+    b = start(lab, "b", tmp_path, 3, "crust", 7000)
+    for node, others in ((a1, (a2, b)), (a2, (a1, b)), (b, (a1, a2))):
+        for other in others:
+            node.expect("lan_peer_discovered", peer=other.peer_id, timeout=5.0)
+    b.command(cmd="connect", to=a2.peer_id, id="k")
+    b.expect("connected", id="k", timeout=10.0)
+    ev = b.expect("peer_connected", peer=a2.peer_id)
+    assert ev["path"] == "direct" and ev["remote"].endswith(":7001")
