@@ -1180,12 +1180,21 @@ class Service:
         self._emit(LanPeerDiscovered(peer, contacts))
 
     def _direct_peers(self) -> dict[PeerId, list[str]]:
-        """Peers we are connected to without a relay, with the contacts they announced."""
-        return {
-            peer: self._known[peer]
-            for peer, conn in self._active.items()
-            if conn.path != "relayed" and peer in self._known
-        }
+        """Peers we are connected to without a relay, with the contacts we have evidence
+        for: the one we dialled (outbound direct), and those they announced on the address
+        their connection comes from (a NATed peer's private contacts are left out)."""
+        out: dict[PeerId, list[str]] = {}
+        for peer, conn in self._active.items():
+            if conn.path == "relayed" or conn.closed:
+                continue
+            remote = Contact.parse(conn.remote)
+            good = [str(remote.with_peer(None))] if conn.outbound and conn.path == "direct" else []
+            for text in self._known.get(peer, []):
+                if Contact.parse(text).host == remote.host and text not in good:
+                    good.append(text)
+            if good:
+                out[peer] = good[:MAX_CONTACTS_PER_PEER]
+        return out
 
     def _send_control(self, peer: PeerId, payload: dict[str, Any]) -> None:
         conn = self._active.get(peer)
