@@ -166,7 +166,9 @@ class Service:
         self._running = False
         self._closed = False
         self._discovery: LanDiscovery | None = None
-        self._gossip = Gossip(self.peer_id, self._direct_peers, self._send_control, self._learn)
+        self._gossip = Gossip(
+            self.peer_id, self._direct_peers, self.peers, self._send_control, self._learn
+        )
 
     # ================================================================= lifetime
 
@@ -1180,20 +1182,18 @@ class Service:
         self._emit(LanPeerDiscovered(peer, contacts))
 
     def _direct_peers(self) -> dict[PeerId, list[str]]:
-        """Peers we are connected to without a relay, with the contacts we have evidence
-        for: the one we dialled (outbound direct), and those they announced on the address
-        their connection comes from (a NATed peer's private contacts are left out)."""
+        """What we gossip: peers we dialled directly (their reachability is proven), with
+        the contact we reached and the others they announced on that same host."""
         out: dict[PeerId, list[str]] = {}
         for peer, conn in self._active.items():
-            if conn.path == "relayed" or conn.closed:
+            if not conn.outbound or conn.path != "direct" or conn.closed:
                 continue
             remote = Contact.parse(conn.remote)
-            good = [str(remote.with_peer(None))] if conn.outbound and conn.path == "direct" else []
+            good = [str(remote.with_peer(None))]
             for text in self._known.get(peer, []):
                 if Contact.parse(text).host == remote.host and text not in good:
                     good.append(text)
-            if good:
-                out[peer] = good[:MAX_CONTACTS_PER_PEER]
+            out[peer] = good[:MAX_CONTACTS_PER_PEER]
         return out
 
     def _send_control(self, peer: PeerId, payload: dict[str, Any]) -> None:

@@ -36,9 +36,10 @@ async def test_chain_learns_two_hops_and_connects_directly(make: Callable[..., A
     b, _ = await make()
     c, wc = await make()
     d, _ = await make()
-    # D - C - B, then A - B: B tells A about C (its direct peer), never about D
-    await d.connect(tcp(c))
-    await c.connect(tcp(b))
+    # B dials C, C dials D, then A dials B: B tells A about C (a peer it reached directly),
+    # never about D (which C told B about)
+    await c.connect(tcp(d))
+    await b.connect(tcp(c))
     c_learned = learned_event(a, c.peer_id)
     await a.connect(tcp(b))
     async with asyncio.timeout(TIMEOUT):
@@ -46,6 +47,7 @@ async def test_chain_learns_two_hops_and_connects_directly(make: Callable[..., A
     assert c.peer_id in a._known
     assert d.peer_id not in a._known  # never more than two hops
     assert a.statistics().discovery["gossip_learned"] == 1
+    assert b.statistics().discovery["gossip_learned"] == 1  # D, from C
     # A reaches C by peer id, directly on the contacts it learned
     assert await a.connect(c.peer_id) == c.peer_id
     ev = await wa.wait(PeerConnected, lambda e: e.peer == c.peer_id)
@@ -90,10 +92,24 @@ async def test_a_peer_that_connects_later_is_pushed_to_the_others(
     c, _ = await make()
     await a.connect(tcp(b))
     c_learned = learned_event(a, c.peer_id)
-    await c.connect(tcp(b))
+    await b.connect(tcp(c))
     # B pushes its new direct peer to A once A's rate-limit gap has passed (≈ 5.5 s)
     async with asyncio.timeout(TIMEOUT):
         await c_learned.wait()
     assert a.statistics().discovery["gossip_rate_limited"] == 0
     assert await a.connect(c.peer_id) == c.peer_id
     assert a.connection(c.peer_id).path == "direct"
+
+
+async def test_peers_that_dialled_us_are_not_gossiped(make: Callable[..., Any]) -> None:
+    """Only contacts we reached ourselves are advertised: a peer that dialled in (perhaps from
+    behind a NAT or firewall) is not."""
+    a, _ = await make()
+    b, _ = await make()
+    c, _ = await make()
+    await c.connect(tcp(b))  # C dialled B: B has no proof C accepts connections
+    await a.connect(tcp(b))
+    await b.disconnect(a.peer_id)
+    await a.connect(tcp(b))  # a second kept connection: still nothing about C
+    assert c.peer_id not in a._known
+    assert b.statistics().discovery["gossip_sent"] == 0

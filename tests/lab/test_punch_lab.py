@@ -32,10 +32,8 @@ def test_cone_pairs_always_connect_directly(
     results = [plab.trial(nat_a, nat_b, scheme) for scheme in SCHEMES for _ in range(TRIALS)]
     failed = [r for r in results if not r.direct]
     assert not failed, summarize(results)
-    # a public b may also be dialled directly, on the contacts pub gossiped to a
-    paths = ("punched", "direct") if nat_b == "none" else ("punched",)
     for r in results:
-        assert r.path in paths and r.transport == r.scheme
+        assert r.path == "punched" and r.transport == r.scheme
 
 
 @pytest.mark.parametrize(

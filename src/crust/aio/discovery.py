@@ -203,15 +203,17 @@ PUSH_DELAY = gossip.MIN_GAP + 0.5
 class Gossip:
     """Tell connected peers whom we are directly connected to; learn the same from them.
 
-    ``direct()`` returns our directly connected peers with their contacts; ``send(peer,
-    payload)`` sends a CONTROL payload to a connected peer; ``learn(peer, contacts)`` records
-    contacts learned second-hand.
+    ``direct()`` returns the peers we gossip about (those we dialled directly) with their
+    contacts; ``connected()`` every connected peer (the recipients); ``send(peer, payload)``
+    sends a CONTROL payload to a connected peer; ``learn(peer, contacts)`` records contacts
+    learned second-hand.
     """
 
     def __init__(
         self,
         self_id: PeerId,
         direct: Callable[[], Mapping[PeerId, Sequence[str]]],
+        recipients: Callable[[], Sequence[PeerId]],
         send: Callable[[PeerId, dict[str, Any]], None],
         learn: Callable[[PeerId, tuple[str, ...]], None],
         *,
@@ -219,6 +221,7 @@ class Gossip:
     ) -> None:
         self.self_id = self_id
         self.direct = direct
+        self.recipients = recipients
         self.send = send
         self.learn = learn
         self.interval = interval
@@ -242,8 +245,7 @@ class Gossip:
         """A connection to ``peer`` was kept: tell it our direct peers, and soon tell the
         others about it (one coalesced push)."""
         self._send_to(peer)
-        direct = self.direct()
-        if peer in direct and len(direct) > 1:
+        if peer in self.direct() and len(self.recipients()) > 1:
             self._changed.set()
 
     def _send_to(self, peer: PeerId) -> None:
@@ -257,7 +259,7 @@ class Gossip:
 
     def tick(self) -> None:
         """A round: every connected peer gets our current list."""
-        for peer in list(self.direct()):
+        for peer in list(self.recipients()):
             self._send_to(peer)
 
     def received_from(self, peer: PeerId, payload: Mapping[str, Any], now: float) -> None:
