@@ -362,3 +362,38 @@ def test_bootstrap_tries_lan_peers_last() -> None:
     pinned = (f"tcp://10.1.0.3:7000#{lan}", f"quic://10.1.0.3:7000#{lan}")
     boot.lan_peers = lambda: {lan: pinned, me: (f"tcp://10.1.0.4:7000#{me}",)}
     assert [a.contacts for a in boot.attempts()] == [("tcp://192.0.2.1:1",), pinned]
+
+
+@given(st.lists(st.text(max_size=40), max_size=4))
+def test_any_contact_text_in_a_signed_beacon_raises_only_protocol_error(texts: list[str]) -> None:
+    data = bc.encode(Identity.from_seed(bytes(32)), bc.Kind.ANNOUNCE, "crust", 1, b"x" * 8, texts)
+    with contextlib.suppress(errors.ProtocolError):
+        bc.parse(data)
+
+
+@given(st.lists(st.text(max_size=40), min_size=1, max_size=4))
+def test_any_contact_text_in_gossip_raises_only_protocol_error(texts: list[str]) -> None:
+    with contextlib.suppress(errors.ProtocolError):
+        gossip.parse({"t": "gp", "p": [[bytes(32), texts]]})
+
+
+_contactish = st.builds(
+    lambda scheme, host, port, pin: f"{scheme}://{host}:{port}{pin}",
+    st.sampled_from(["tcp", "quic", "udp", "TCP", ""]),
+    st.one_of(
+        st.ip_addresses().map(lambda ip: f"[{ip}]" if ip.version == 6 else str(ip)),
+        st.ip_addresses().map(str),
+        st.text(max_size=12),
+    ),
+    st.one_of(st.integers(-5, 70000).map(str), st.text(max_size=6)),
+    st.sampled_from(["", "#", "#abc", f"#{PeerId(bytes(32))}"]),
+)
+
+
+@given(st.lists(_contactish, min_size=1, max_size=4))
+def test_contact_like_text_raises_only_protocol_error(texts: list[str]) -> None:
+    data = bc.encode(Identity.from_seed(bytes(32)), bc.Kind.ANNOUNCE, "crust", 1, b"x" * 8, texts)
+    with contextlib.suppress(errors.ProtocolError):
+        bc.parse(data)
+    with contextlib.suppress(errors.ProtocolError):
+        gossip.parse({"t": "gp", "p": [[bytes(32), texts]]})
