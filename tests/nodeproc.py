@@ -31,6 +31,7 @@ class NodeProcess:
     """A ``crust node --json --testing`` subprocess; its stdout lines are read by a thread.
 
     ``wrap`` prefixes the command (e.g. ``ip netns exec NS`` to run it inside a lab namespace).
+    ``testing=False`` leaves out ``--testing`` (the lab's LAN discovery test; never on loopback).
     """
 
     def __init__(
@@ -42,11 +43,12 @@ class NodeProcess:
         wrap: Sequence[str] = (),
         *,
         wait: bool = True,
+        testing: bool = True,
     ) -> None:
         self.stderr_path = tmp_path / f"node{index}.stderr"
         self._stderr = self.stderr_path.open("wb")
         self.proc = subprocess.Popen(
-            [*wrap, *CLI, "node", "--json", "--testing", *args],
+            [*wrap, *CLI, "node", "--json", *(["--testing"] if testing else []), *args],
             stdin=stdin,
             stdout=subprocess.PIPE,
             stderr=self._stderr,

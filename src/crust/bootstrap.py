@@ -8,7 +8,8 @@ A :class:`Bootstrapper` belongs to one service. It
   dialled) as the newest cache entry; inbound, punched or relayed connections prove nothing
   about reachability and are not recorded;
 - bootstraps: dials the cached nodes (newest first, each entry's contacts pinned to its peer
-  id and raced) and then the hard-coded contacts, :data:`PARALLELISM` at a time; the first
+  id and raced), then the hard-coded contacts, then peers found by LAN discovery,
+  :data:`PARALLELISM` at a time; the first
   node reached wins, the attempts still running are cancelled, and the connection stays up.
   Failures count against cache entries (an entry that fails ``max_failures`` times in a row
   is dropped) — except failures that may be our own fault (time-outs, unreachable networks)
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,6 +82,8 @@ class Bootstrapper:
                 max_entries=config.bootstrap_cache_size,
             )
         self._flush_scheduled = False
+        self.lan_peers: Callable[[], Mapping[PeerId, Sequence[str]]] = dict
+        """Peers found by LAN discovery (pinned contacts): the last source of a bootstrap."""
 
     # ------------------------------------------------------------------ lifetime
 
@@ -121,7 +124,7 @@ class Bootstrapper:
 
     def attempts(self) -> list[Attempt]:
         """What a bootstrap tries, in order: cached nodes newest first, then the hard-coded
-        contacts (each once)."""
+        contacts (each once), then peers found on the LAN."""
         out: list[Attempt] = []
         seen: set[str] = set()
         if self.store is not None:
@@ -135,6 +138,12 @@ class Bootstrapper:
             if contact not in seen:
                 seen.add(contact)
                 out.append(Attempt((contact,)))
+        cached = {a.cached for a in out}
+        for peer, contacts in self.lan_peers().items():
+            fresh = tuple(c for c in contacts if c not in seen)
+            if peer != self.peer_id and peer not in cached and fresh:
+                seen.update(fresh)
+                out.append(Attempt(fresh))
         return out
 
     async def run(self) -> PeerId:

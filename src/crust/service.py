@@ -12,6 +12,7 @@ from typing import Any
 
 from crust import errors
 from crust.aio.connection import Connection, closed_reason
+from crust.aio.discovery import Gossip, LanDiscovery
 from crust.aio.eventqueue import EventQueue, EventStream
 from crust.aio.keylog import KeyLog
 from crust.aio.portmap import GrantedMapping, MappingRequest, PortMapper, is_private_external
@@ -27,6 +28,7 @@ from crust.events import (
     AbuseDetected,
     ConnectFailed,
     Event,
+    LanPeerDiscovered,
     ListenerFailed,
     ListenerStarted,
     MessageReceived,
@@ -180,6 +182,10 @@ class Service:
         )
         self._running = False
         self._closed = False
+        self._discovery: LanDiscovery | None = None
+        self._gossip = Gossip(
+            self.peer_id, self._direct_peers, self.peers, self._send_control, self._learn
+        )
 
     # ================================================================= lifetime
 
@@ -210,6 +216,7 @@ class Service:
         if self.config.port_mapping:
             await self._start_port_mapping()
         self._params.hello_extra["contacts"] = self.contacts()[:MAX_CONTACTS_PER_PEER]
+        await self._start_discovery()
         await self._bootstrapper.start()
 
     async def aclose(self) -> None:
@@ -224,6 +231,8 @@ class Service:
             self._traversal.close()
         if self._relay is not None:
             self._relay.close()
+        if self._discovery is not None:
+            self._discovery.close()
         conns = list(self._conns)
         for conn in conns:
             conn.close(CloseCode.SHUTDOWN, "service closing")
@@ -455,6 +464,8 @@ class Service:
             if ep.protocol == scheme and c.port == m.internal[1] and not c.family_v6:
                 self._endpoints[i] = EndpointPair(ep.protocol, ep.local, external)
         self._params.hello_extra["contacts"] = self.contacts()[:MAX_CONTACTS_PER_PEER]
+        if self._discovery is not None:
+            self._discovery.set_contacts(self.contacts())
         internal = str(Contact.from_address(scheme, m.internal))
         self._emit(PortMappingGranted(m.method, internal, external, m.lifetime))
 
@@ -995,6 +1006,11 @@ class Service:
     def _on_control(self, conn: Connection, event: ControlReceived) -> None:
         if not conn.policy_ok:
             return
+        if event.payload.get("t") == "gp":  # gossip of known peers (crust.aio.discovery)
+            if conn.peer_id is not None and self._active.get(conn.peer_id) is conn:
+                loop = asyncio.get_running_loop()
+                self._gossip.received_from(conn.peer_id, event.payload, loop.time())
+            return
         if self._relay is not None and self._relay.handle_control(conn, event.payload):
             return
         if self._traversal is not None:
@@ -1092,6 +1108,7 @@ class Service:
         if conn.path == "relayed" and conn.outbound and self._traversal is not None:
             self._traversal.relayed(peer)
         self._bootstrapper.connection_kept(peer, conn.remote, conn.path, conn.outbound)
+        self._gossip.connected(peer)
         fut = self._ready.get(conn)
         if fut is not None and not fut.done():
             fut.set_result(peer)
@@ -1163,6 +1180,58 @@ class Service:
         if peer not in self._known and len(self._known) >= MAX_KNOWN_PEERS:
             del self._known[next(iter(self._known))]
         self._known[peer] = good
+
+    # ================================================================= LAN discovery, gossip
+
+    async def _start_discovery(self) -> None:
+        """The LAN beacon (only with ``service_discovery``) and the periodic gossip rounds."""
+        self._spawn(self._gossip.run())
+        if not self.config.service_discovery:
+            return
+        disc = LanDiscovery(
+            self.identity,
+            self.config.network_name,
+            self.config.service_discovery_port,
+            self.contacts(),
+            self._on_lan_peer,
+        )
+        try:
+            await disc.start()
+        except errors.ConfigError as exc:
+            log.warning("LAN discovery off: %s", exc)
+            return
+        self._discovery = disc
+        self._bootstrapper.lan_peers = disc.peers
+
+    def _on_lan_peer(self, peer: PeerId, contacts: tuple[str, ...]) -> None:
+        self._remember(peer, contacts)
+        self._emit(LanPeerDiscovered(peer, contacts))
+
+    def _direct_peers(self) -> dict[PeerId, list[str]]:
+        """What we gossip: peers we dialled directly (their reachability is proven), with
+        the contact we reached and the others they announced on that same host."""
+        out: dict[PeerId, list[str]] = {}
+        for peer, conn in self._active.items():
+            if not conn.outbound or conn.path != "direct" or conn.closed:
+                continue
+            remote = Contact.parse(conn.remote)
+            good = [str(remote.with_peer(None))]
+            for text in self._known.get(peer, []):
+                if Contact.parse(text).host == remote.host and text not in good:
+                    good.append(text)
+            out[peer] = good[:MAX_CONTACTS_PER_PEER]
+        return out
+
+    def _send_control(self, peer: PeerId, payload: dict[str, Any]) -> None:
+        conn = self._active.get(peer)
+        if conn is not None and not conn.closed:
+            conn.session.send_control(payload)
+            conn.control_changed()
+
+    def _learn(self, peer: PeerId, contacts: tuple[str, ...]) -> None:
+        """Contacts learned by gossip never replace those of a peer we are connected to."""
+        if peer not in self._active:
+            self._remember(peer, contacts)
 
     # ================================================================= messages
 
@@ -1372,6 +1441,10 @@ class Service:
             abuse_by_kind=dict(c.abuse),
             limits_hit=c.limits_hit,
             **self._traversal_counters(),
+            discovery={
+                **(self._discovery.counters() if self._discovery is not None else {}),
+                **self._gossip.counters(),
+            },
         )
 
     def _traversal_counters(self) -> dict[str, int]:

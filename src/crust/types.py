@@ -79,3 +79,5 @@ class Statistics:
     limits_hit: int = 0
     """Connections refused or not dialled because a configured limit was reached
     (max_connections, max_pending_handshakes, max_connections_per_ip)."""
+    discovery: dict[str, int] = field(default_factory=dict)
+    """LAN beacon and gossip counters (``beacon_forged``, ``gossip_learned``…)."""

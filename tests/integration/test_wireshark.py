@@ -693,3 +693,33 @@ def test_punch_and_address_echo_datagrams(tmp_path: Path) -> None:
     messages = [pkt.layers.get("_ws.expert.message") for pkt in decoded[5:]]
     assert messages == [["bad address in an echo reply"], ["shorter than a punch datagram"]]
     assert not [pkt for pkt in decoded[5:] if "crust.punch.port" in pkt.layers]
+
+
+def test_lan_beacon_datagrams(tmp_path: Path) -> None:
+    """The LAN discovery beacon (``0x2b "cb" | version | kind ...``, signed) is decoded on any
+    UDP port; truncated or inconsistent ones are flagged."""
+    from crust.identity import Identity
+    from crust.proto import beacon
+
+    ident = Identity.from_seed(bytes(range(32)))
+    contacts = ["tcp://10.1.0.2:7000", "quic://10.1.0.2:7000"]
+    good = beacon.encode(ident, beacon.Kind.QUERY, "crust", 1_800_000_000_000, b"n" * 8, contacts)
+    datagrams = [
+        good,
+        beacon.encode(ident, beacon.Kind.ANNOUNCE, "crust", 1, b"n" * 8, []),
+        good[:70],  # truncated
+        good[:61] + b"\x05" + good[62:],  # more contacts announced than present
+    ]
+    pcap = tmp_path / "beacon.pcap"
+    write_pcap(pcap, [(0, 0, udp_packet(5484, 5484, d)) for d in datagrams])
+    decoded = tshark(pcap, tmp_path)
+    assert decoded[0].layers["crust.beacon.kind"] == ["2"]
+    assert decoded[0].layers["crust.beacon.timestamp"] == ["1800000000000"]
+    assert decoded[0].layers["crust.beacon.contact"] == contacts
+    assert decoded[0].layers["crust.beacon.peer"] == [bytes(ident.peer_id).hex(":")]
+    assert decoded[1].layers["crust.beacon.kind"] == ["1"]
+    assert decoded[1].layers["crust.beacon.contact_count"] == ["0"]
+    assert "crust.beacon.signature" in decoded[1].layers
+    messages = [pkt.layers.get("_ws.expert.message") for pkt in decoded[2:]]
+    assert messages == [["shorter than a beacon"], ["bad contact in a beacon"]]
+    assert not [pkt for pkt in decoded[2:] if "crust.beacon.signature" in pkt.layers]

@@ -19,7 +19,8 @@
 --         <key r->i>", 32-byte values in hex) and their frames decoded.  AES is done here in
 --         plain Lua (Wireshark 4.0's Lua has no cipher API); the GCM tag is not checked.
 --   UDP   crust's clear control datagrams, on any port: hole-punch probes and the address
---         echo ("\x2a" "cp1" | kind | token ...); other kinds (the LAN beacon) plug into
+--         echo ("\x2a" "cp1" | kind | token ...) and the LAN discovery beacon ("\x2b" "cb" |
+--         version | kind ...); other kinds plug into
 --         _G.crust_dissector.register_udp_message(), see below.
 
 -- Loaded twice (installed plugin and -X lua_script)?  Keep the first copy.
@@ -252,6 +253,16 @@ local F = {
     punch_port = ProtoField.uint16("crust.punch.port", "Address seen: port"),
     punch_ipv4 = ProtoField.ipv4("crust.punch.ipv4", "Address seen: IPv4"),
     punch_ipv6 = ProtoField.ipv6("crust.punch.ipv6", "Address seen: IPv6"),
+    beacon_version = ProtoField.uint8("crust.beacon.version", "Beacon version"),
+    beacon_kind = ProtoField.uint8("crust.beacon.kind", "Beacon kind", base.DEC,
+        { [1] = "ANNOUNCE", [2] = "QUERY" }),
+    beacon_network = ProtoField.bytes("crust.beacon.network", "Network tag"),
+    beacon_peer = ProtoField.bytes("crust.beacon.peer", "Peer id (Ed25519 key)"),
+    beacon_timestamp = ProtoField.uint64("crust.beacon.timestamp", "Timestamp (ms since 1970)"),
+    beacon_nonce = ProtoField.bytes("crust.beacon.nonce", "Nonce"),
+    beacon_count = ProtoField.uint8("crust.beacon.contact_count", "Contacts"),
+    beacon_contact = ProtoField.string("crust.beacon.contact", "Contact"),
+    beacon_signature = ProtoField.bytes("crust.beacon.signature", "Signature (Ed25519)"),
 }
 crust.fields = {}
 for _, field in pairs(F) do
@@ -861,4 +872,49 @@ api.register_udp_message("\42cp1", "punch", function(tvb, pinfo, tree)
         tree:add_proto_expert_info(E.malformed, "trailing bytes in a punch datagram")
     end
     pinfo.cols.info:set(text)
+end)
+
+-- LAN discovery beacon: "\x2b" "cb" | version u8 | kind u8 (1 ANNOUNCE, 2 QUERY) | network tag
+-- (8) | peer id (32) | timestamp ms u64 | nonce (8) | contact count u8 | (length u8 | contact
+-- utf-8)* | Ed25519 signature (64) over "crust beacon\0" and everything before it.
+local BEACON_KINDS = { [1] = "ANNOUNCE", [2] = "QUERY" }
+local BEACON_HEAD = 62
+
+api.register_udp_message("\43cb", "beacon", function(tvb, pinfo, tree)
+    local len = tvb:len()
+    if len < BEACON_HEAD + 64 then
+        tree:add_proto_expert_info(E.malformed, "shorter than a beacon")
+        return
+    end
+    tree:add(F.beacon_version, tvb(3, 1))
+    if tvb(3, 1):uint() ~= 1 then
+        tree:add_proto_expert_info(E.version)
+        return
+    end
+    local kind = tvb(4, 1):uint()
+    tree:add(F.beacon_kind, tvb(4, 1))
+    tree:add(F.beacon_network, tvb(5, 8))
+    tree:add(F.beacon_peer, tvb(13, 32))
+    tree:add(F.beacon_timestamp, tvb(45, 8))
+    tree:add(F.beacon_nonce, tvb(53, 8))
+    tree:add(F.beacon_count, tvb(61, 1))
+    local count = tvb(61, 1):uint()
+    local stop = len - 64
+    local pos = BEACON_HEAD
+    for _ = 1, count do
+        local n = pos < stop and tvb(pos, 1):uint() or 0
+        if n == 0 or pos + 1 + n > stop then
+            tree:add_proto_expert_info(E.malformed, "bad contact in a beacon")
+            return
+        end
+        tree:add(F.beacon_contact, tvb(pos + 1, n))
+        pos = pos + 1 + n
+    end
+    if pos ~= stop then
+        tree:add_proto_expert_info(E.malformed, "trailing bytes in a beacon")
+        return
+    end
+    tree:add(F.beacon_signature, tvb(stop, 64))
+    pinfo.cols.info:set("Beacon " .. (BEACON_KINDS[kind] or ("kind " .. kind)) .. ", "
+        .. count .. " contact(s)")
 end)
