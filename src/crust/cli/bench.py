@@ -140,6 +140,10 @@ def run_suites(
                 progress=lambda msg, n=name: progress(n, msg.strip()),
                 repeats=repeats,
             )
+        except ModuleNotFoundError as exc:  # an optional dependency is not installed
+            progress(name, f"skipped: {exc}")
+            suites[name] = {"skipped": str(exc)}
+            continue
         except Exception as exc:  # a suite that cannot run at all is reported, not fatal
             progress(name, f"failed: {exc}")
             suites[name] = {"error": f"{type(exc).__name__}: {exc}"}
@@ -149,6 +153,7 @@ def run_suites(
     for name, result in suites.items():
         for fig in result.get("figures", []):
             figures.append({"suite": name, "baseline_name": BASELINE_NAMES[name], **fig})
+    _pair_with_tcp(figures)
     return {
         "benchmark": "crust bench",
         "mode": "smoke" if smoke else "quick" if quick else "full",
@@ -163,6 +168,26 @@ def run_suites(
         "suites": suites,
         "figures": figures,
     }
+
+
+def _pair_with_tcp(figures: list[dict[str, Any]]) -> None:
+    """Baseline-only figures (py-libp2p) name the crust figure of the same run they are
+    compared with (``details.crust_key``, a TCP suite key): fill in crust and the ratio."""
+    tcp = {f["key"]: f for f in figures if f["suite"] == "tcp"}
+    for f in figures:
+        key = f["details"].get("crust_key") if f["crust"] is None else None
+        if key is None:
+            continue
+        mine = tcp.get(key)
+        if mine is None or mine["crust"] is None:
+            f["details"]["crust_missing"] = f"no crust figure {key!r} in this run (run tcp too)"
+            continue
+        f["crust"] = mine["crust"]
+        if f["baseline"]:
+            f["ratio"] = f["crust"] / f["baseline"]
+            target = f["details"].get("target_ratio")
+            if isinstance(target, (int, float)):
+                f["met"] = f["ratio"] >= target
 
 
 def _fmt(value: float | None, unit: str) -> str:
