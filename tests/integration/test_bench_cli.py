@@ -68,8 +68,14 @@ def test_bench_smoke_json_shape(tmp_path: Path) -> None:
         assert f"bulk_{size}" in keys
     assert {"small_msgs", "connect_first_msg_p50", "connect_first_msg_p99"} <= keys
     assert "connections_concurrent" in keys
+    bulk_64 = next(f for f in out["figures"] if f["key"] == "bulk_64")
+    for who in ("crust", "baseline"):
+        rates = bulk_64["rates"][who]
+        assert set(rates) == {"tx_msgs_per_s", "tx_mb_per_s", "rx_msgs_per_s", "rx_mb_per_s"}
+        # the same messages either way: messages/s and MB/s differ by the 64 B size
+        assert math.isclose(rates["rx_mb_per_s"] * 1e6, rates["rx_msgs_per_s"] * 64)
     for f in out["figures"]:
-        assert set(f) == FIGURE_KEYS, f["key"]
+        assert set(f) - {"rates"} == FIGURE_KEYS, f["key"]
         assert f["error"] is None, f
         assert f["crust"] > 0 and f["baseline"] > 0
         assert math.isclose(f["ratio"], f["crust"] / f["baseline"])

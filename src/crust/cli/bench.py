@@ -154,6 +154,8 @@ def run_suites(
         for fig in result.get("figures", []):
             figures.append({"suite": name, "baseline_name": BASELINE_NAMES[name], **fig})
     _pair_with_tcp(figures)
+    for f in figures:
+        _add_rates(f)
     return {
         "benchmark": "crust bench",
         "mode": "smoke" if smoke else "quick" if quick else "full",
@@ -168,6 +170,38 @@ def run_suites(
         "suites": suites,
         "figures": figures,
     }
+
+
+BASELINE_RUNS = {"tcp": "plain", "quic": "bare"}
+"""The key of the baseline's runs in a suite's bulk figure details."""
+
+
+def _add_rates(f: dict[str, Any]) -> None:
+    """Bulk figures: tx and rx rates in messages/s and MB/s, for crust and the baseline,
+    from the medians of the runs the suite recorded.  tx: the sender's first send until its
+    last send returned; rx: the receiver's first message until its last one."""
+    details = f["details"]
+    runs, count, total = details.get("runs"), details.get("messages"), details.get("bytes")
+    if not isinstance(runs, dict) or not count or not total or f["suite"] not in BASELINE_RUNS:
+        return
+    rates: dict[str, dict[str, float]] = {}
+    for who, kind in (("crust", "crust"), ("baseline", BASELINE_RUNS[f["suite"]])):
+        one = runs.get(kind) or []
+        tx = [r["sender_enqueue_s"] for r in one if r.get("sender_enqueue_s", 0) > 0]
+        rx = [
+            r["receiver_first_to_last_s"] for r in one if r.get("receiver_first_to_last_s", 0) > 0
+        ]
+        if not tx or not rx:
+            continue
+        tx_s, rx_s = sorted(tx)[len(tx) // 2], sorted(rx)[len(rx) // 2]
+        rates[who] = {
+            "tx_msgs_per_s": count / tx_s,
+            "tx_mb_per_s": total / tx_s / 1e6,
+            "rx_msgs_per_s": count / rx_s,
+            "rx_mb_per_s": total / rx_s / 1e6,
+        }
+    if rates:
+        f["rates"] = rates
 
 
 def _pair_with_tcp(figures: list[dict[str, Any]]) -> None:
@@ -212,11 +246,14 @@ def render(results: dict[str, Any], console: Console) -> None:
         ("crust", "right"),
         ("baseline", "right"),
         ("ratio", "right"),
+        ("crust tx / rx msg/s", "right"),
         ("target", "left"),
         ("met", "center"),
     ):
         table.add_column(col, justify=justify, no_wrap=col != "figure")  # type: ignore[arg-type]
     for f in results["figures"]:
+        mine = f.get("rates", {}).get("crust")
+        txrx = f"{mine['tx_msgs_per_s']:,.0f} / {mine['rx_msgs_per_s']:,.0f}" if mine else ""
         ratio = "-" if f["ratio"] is None else f"{f['ratio']:.2f}x"
         met = {True: "[green]yes[/]", False: "[red]no[/]", None: ""}[f["met"]]
         name = f["figure"] if not f["error"] else f"{f['figure']} [red](error)[/]"
@@ -226,6 +263,7 @@ def render(results: dict[str, Any], console: Console) -> None:
             _fmt(f["crust"], f["unit"]),
             f"{_fmt(f['baseline'], f['unit'])}",
             ratio,
+            txrx,
             f["target"] or "",
             met,
         )
