@@ -178,8 +178,10 @@ BASELINE_RUNS = {"tcp": "plain", "quic": "bare"}
 
 def _add_rates(f: dict[str, Any]) -> None:
     """Bulk figures: tx and rx rates in messages/s and MB/s, for crust and the baseline,
-    from the medians of the runs the suite recorded.  tx: the sender's first send until its
-    last send returned; rx: the receiver's first message until its last one."""
+    from the medians of the runs the suite recorded.  tx: the sender's first send until the
+    receiver's acknowledgement of the last message reached it (the sender's own clock; the
+    time its last send call returned only says how fast the send queue fills); rx: the
+    receiver's first message until its last one."""
     details = f["details"]
     runs, count, total = details.get("runs"), details.get("messages"), details.get("bytes")
     if not isinstance(runs, dict) or not count or not total or f["suite"] not in BASELINE_RUNS:
@@ -187,7 +189,7 @@ def _add_rates(f: dict[str, Any]) -> None:
     rates: dict[str, dict[str, float]] = {}
     for who, kind in (("crust", "crust"), ("baseline", BASELINE_RUNS[f["suite"]])):
         one = runs.get(kind) or []
-        tx = [r["sender_enqueue_s"] for r in one if r.get("sender_enqueue_s", 0) > 0]
+        tx = [r["sender_until_ack_s"] for r in one if r.get("sender_until_ack_s", 0) > 0]
         rx = [
             r["receiver_first_to_last_s"] for r in one if r.get("receiver_first_to_last_s", 0) > 0
         ]
