@@ -292,7 +292,7 @@ def _suite_list(_ctx: click.Context, _param: click.Parameter, value: str | None)
 
 @click.command("bench")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
-@click.option("--quick", is_flag=True, help="Much smaller counts (a few minutes in all).")
+@click.option("--quick", is_flag=True, help="Much smaller counts (seconds to a minute in all).")
 @click.option(
     "--smoke",
     is_flag=True,
