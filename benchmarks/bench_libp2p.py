@@ -25,9 +25,11 @@ import argparse
 import dataclasses
 import importlib.util
 import json
-import select
+import queue
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -160,47 +162,67 @@ def available() -> str | None:
     return None
 
 
-def _spawn(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.bench_libp2p", "--worker", *args],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
+class _Worker:
+    """One worker process: its stdout lines are read by a thread into a queue (so a wait
+    has a deadline), its stderr goes to a file (never a pipe that could fill up)."""
 
+    def __init__(self, *args: str) -> None:
+        self.err = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed by bulk_once
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.bench_libp2p", "--worker", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=self.err,
+            text=True,
+            cwd=ROOT,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
 
-def _read_line(proc: subprocess.Popen[str], deadline: float, what: str) -> dict[str, Any]:
-    """The next JSON line the worker prints, waiting until ``deadline`` at most."""
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
-    line = proc.stdout.readline() if ready else ""
-    if not line.startswith("{"):
-        if proc.poll() is None:
-            proc.kill()
-        _, err = proc.communicate()
-        tail = err.strip().splitlines()[-1:] or ["no output in time"]
-        raise RuntimeError(f"py-libp2p {what} failed: {tail[0]}")
-    result: dict[str, Any] = json.loads(line)
-    return result
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put("")  # end of output
+
+    def next_json(self, deadline: float, what: str) -> dict[str, Any]:
+        """The next JSON line the worker prints, waiting until ``deadline`` at most."""
+        try:
+            line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            line = ""
+        if not line.startswith("{"):
+            self.stop()
+            self.err.seek(0)
+            tail = self.err.read().strip().splitlines()[-1:] or ["no output in time"]
+            raise RuntimeError(f"py-libp2p {what} failed: {tail[0]}")
+        result: dict[str, Any] = json.loads(line)
+        return result
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.reader.join(5.0)  # the pipe ends with the process
+        if self.proc.stdout is not None and not self.reader.is_alive():
+            self.proc.stdout.close()
 
 
 def bulk_once(size: int, count: int, timeout: float) -> dict[str, Any]:
     total = size * count
-    server = _spawn("--serve", str(total))
-    sender: subprocess.Popen[str] | None = None
+    workers = [_Worker("--serve", str(total))]
     try:
         deadline = time.monotonic() + timeout
-        addr = _read_line(server, deadline, "listener")["addr"]
-        sender = _spawn("--send", addr, str(size), str(count))
-        r = _read_line(server, deadline, "receiver")
-        s = _read_line(sender, deadline, "sender")
+        server = workers[0]
+        addr = server.next_json(deadline, "listener")["addr"]
+        workers.append(_Worker("--send", addr, str(size), str(count)))
+        r = server.next_json(deadline, "receiver")
+        s = workers[1].next_json(deadline, "sender")
     finally:
-        for proc in (server, sender):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+        for w in workers:
+            w.stop()
+            w.err.close()
     if r["bytes"] != total:
         raise RuntimeError(f"py-libp2p: received {r['bytes']} of {total} bytes")
     seconds = r["t_last"] - s["t_start"]

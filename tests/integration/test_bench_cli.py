@@ -6,9 +6,12 @@ suite either ran or says why not); speed is never asserted.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import socket
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -91,3 +94,24 @@ def test_bench_table_and_suite_selection(tmp_path: Path) -> None:
     missing = run_bench(tmp_path, "--source", str(tmp_path), "--smoke")
     assert missing.returncode == 1
     assert "no benchmarks/ package" in missing.stderr
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("libp2p") is None, reason="py-libp2p ([bench] extra) not installed"
+)
+def test_libp2p_worker_failure_is_an_error_not_a_number() -> None:
+    from benchmarks import bench_libp2p
+
+    # nobody listens on the address: the sender fails and says why, within the deadline
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    peer = "12D3KooWFy8BjPcNCDW5uEPyzrqWqjycHgv1FWC7Kx8jQ1Jbunp5"
+    worker = bench_libp2p._Worker("--send", f"/ip4/127.0.0.1/tcp/{port}/p2p/{peer}", "64", "1")
+    try:
+        with pytest.raises(RuntimeError, match="py-libp2p sender failed"):
+            worker.next_json(time.monotonic() + 60, "sender")
+    finally:
+        worker.stop()
+        worker.err.close()
+    assert worker.proc.returncode is not None
