@@ -51,7 +51,7 @@ def run_bench(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.timeout(120)
 def test_bench_smoke_json_shape(tmp_path: Path) -> None:
-    proc = run_bench(tmp_path, "--smoke", "--json", "--suites", "tcp,quic,libp2p")
+    proc = run_bench(tmp_path, "--quick", "--smoke", "--json", "--suites", "tcp,quic,libp2p")
     assert proc.returncode == 0, proc.stderr[-3000:]
     out: dict[str, Any] = json.loads(proc.stdout)
     assert out["benchmark"] == "crust bench"
