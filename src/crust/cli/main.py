@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 import crust
+from crust.cli.bench import bench_command
 from crust.cli.ca import ca_group
 from crust.cli.demo import run_demo
 from crust.cli.netcheck import netcheck_command
@@ -233,6 +234,7 @@ def demo_command() -> None:
 main.add_command(ca_group)
 main.add_command(netcheck_command)
 main.add_command(wireshark_plugin_command)
+main.add_command(bench_command)
 
 if __name__ == "__main__":
     main(prog_name="crust")
