@@ -64,8 +64,17 @@ class StatisticsCollector:
             doc = f"crust statistics: {f.name.replace('_', ' ')}"
             if isinstance(value, dict):
                 label = f.name.rsplit("_by_", 1)[-1] if "_by_" in f.name else "key"
+                items = sorted(value.items(), key=lambda kv: str(kv[0]))
+                if any(isinstance(n, tuple) for _, n in items):
+                    # (attempts, successes) pairs: one counter each
+                    for i, part in enumerate(("attempts", "successes")):
+                        family = CounterMetricFamily(f"{name}_{part}", doc, labels=[label])
+                        for key, n in items:
+                            family.add_metric([str(key)], n[i])
+                        yield family
+                    continue
                 family = CounterMetricFamily(name, doc, labels=[label])
-                for key, n in sorted(value.items(), key=lambda kv: str(kv[0])):
+                for key, n in items:
                     family.add_metric([str(key)], n)
                 yield family
             elif isinstance(value, int) and not isinstance(value, bool):

@@ -1441,6 +1441,10 @@ class Service:
             abuse_by_kind=dict(c.abuse),
             limits_hit=c.limits_hit,
             **self._traversal_counters(),
+            punches_by_nat_pair={
+                k: (v[0], v[1])
+                for k, v in (self._traversal.by_nat_pair if self._traversal else {}).items()
+            },
             discovery={
                 **(self._discovery.counters() if self._discovery is not None else {}),
                 **self._gossip.counters(),

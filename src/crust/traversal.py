@@ -130,6 +130,8 @@ class Traversal:
         self._external_ips: list[str] = []
         self._punches: dict[PeerId, _Punch] = {}
         self._upgrading: set[PeerId] = set()
+        self.by_nat_pair: dict[str, list[int]] = {}
+        """Punch attempts and successes by NAT pair (see :meth:`_nat_pair`)."""
         self.symmetric: bool | None = None
         """Our UDP mapping depends on the destination (learnt from two addresses of a node)."""
         cfg = service.config
@@ -596,11 +598,21 @@ class Traversal:
                 waiter.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await waiter
+        pair = self._nat_pair(punch)
+        counts = self.by_nat_pair.setdefault(pair, [0, 0])
+        counts[0] += 1
         if waiter in done and not waiter.cancelled() and waiter.exception() is None:
             self.counters["punch_successes"] += 1
+            counts[1] += 1
             return punch.peer
         self.counters["punch_failures"] += 1
         raise errors.HolePunchFailed(f"punch failed: no path to {punch.peer} answered")
+
+    def _nat_pair(self, punch: _Punch) -> str:
+        """``"ours/theirs"``: each side's UDP mapping as far as known (``cone``,
+        ``symmetric`` or ``unknown`` for ours when no node could tell)."""
+        mine = {True: "symmetric", False: "cone", None: "unknown"}[self.symmetric]
+        return f"{mine}/{'symmetric' if punch.peer_symmetric else 'cone'}"
 
     def _start(self, punch: _Punch, at: float) -> None:
         role = pp.birthday_roles(self.symmetric is True, punch.peer_symmetric)

@@ -79,5 +79,8 @@ class Statistics:
     limits_hit: int = 0
     """Connections refused or not dialled because a configured limit was reached
     (max_connections, max_pending_handshakes, max_connections_per_ip)."""
+    punches_by_nat_pair: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """(attempts, successes) by ``"ours/theirs"`` UDP mapping: ``cone``, ``symmetric`` or
+    ``unknown``."""
     discovery: dict[str, int] = field(default_factory=dict)
     """LAN beacon and gossip counters (``beacon_forged``, ``gossip_learned``…)."""

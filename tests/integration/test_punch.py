@@ -52,6 +52,11 @@ async def test_connect_by_peer_id_through_a_node(make: Callable[..., Any], liste
     assert (await wa.wait(MessageReceived)).data == b"and back"
     assert node.statistics().introductions_forwarded >= 3  # intro, ack, sync
     assert a.statistics().punch_successes == 1
+    assert a.statistics().punches_by_nat_pair == {"unknown/cone": (1, 1)}  # loopback: no node
+    from crust.metrics import render
+
+    scraped = render(a).decode()
+    assert 'crust_punches_by_nat_pair_successes_total{nat_pair="unknown/cone"} 1.0' in scraped
     # racing paths may have produced duplicates: they close, the chosen one stays on both sides
     for svc, other in ((a, b), (b, a)):
         kept = svc._active[other.peer_id]
