@@ -53,6 +53,8 @@ INTRO_TIMEOUT = 5.0
 NODES_TRIED = 3
 """Connected peers asked, one after another, to introduce us to a peer."""
 SYNC_WAIT = 10.0
+MAX_PROMOTED = 16
+"""Birthday sockets kept as QUIC endpoints; beyond this, idle ones are closed."""
 UPGRADE_DELAYS = (5.0, 30.0, 120.0, 600.0)
 """Seconds before each attempt to replace a relayed connection by a punched one."""
 """How long the introduced side waits for ``sync`` after its ``ack``."""
@@ -688,6 +690,11 @@ class Traversal:
             max_pending_handshakes=self.svc.config.max_pending_handshakes,
         )
         self.svc._hook(mux)
+        # keep the promoted sockets bounded: close idle ones beyond MAX_PROMOTED
+        idle = [m for m in self._promoted if m.connection_count == 0]
+        for m in idle[: max(0, len(self._promoted) + 1 - MAX_PROMOTED)]:
+            m.close()
+            self._promoted.remove(m)
         self._promoted.append(mux)
         addr = (addr[0], addr[1])
         if addr not in punch.plan.working:
