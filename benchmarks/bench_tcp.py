@@ -43,7 +43,6 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection as Pipe
 from typing import Any, cast
 
-import crust
 from benchmarks import common
 from benchmarks.common import (
     SMALL,
@@ -58,15 +57,11 @@ from benchmarks.common import (
     figure,
     host_port,
     median,
-    next_message,
-    ordered_identity,
     probe,
     run_step,
     size_name,
     summary_ms,
 )
-from crust.contact import Contact
-from crust.events import MessageReceived, PeerLost
 
 SIZES = (64, KiB, 64 * KiB, MiB)
 
@@ -282,60 +277,6 @@ async def _plain_close(tr: asyncio.Transport, stream: PlainStream) -> None:
 # =============================================================================== worker side
 
 
-def _crust_config(listen: bool) -> crust.Config:
-    """``Config.for_testing`` with one TCP listener on 127.0.0.1 (receiver) or none."""
-    return crust.Config.for_testing(listen=("tcp://127.0.0.1:0",) if listen else ())
-
-
-def _tcp_contact(svc: crust.Service) -> str:
-    return next(c for c in svc.contacts() if c.startswith("tcp://"))
-
-
-async def _crust_bulk_recv(cmd: dict[str, Any], pipe: Pipe) -> dict[str, Any]:
-    count: int = cmd["count"]
-    got = nbytes = 0
-    t_first = t_last = 0.0
-    async with crust.Service(_crust_config(True)) as svc:
-        pipe.send({"addr": _tcp_contact(svc)})
-        cpu0 = time.process_time()
-        async for ev in svc.events():
-            if isinstance(ev, MessageReceived):
-                if not got:
-                    t_first = clock()
-                got += 1
-                nbytes += len(ev.data)
-                if got >= count:
-                    t_last = clock()
-                    cpu1 = time.process_time()
-                    await svc.send(ev.peer, b"done", 0)
-                    break
-    return {
-        "t_first": t_first,
-        "t_last": t_last,
-        "messages": got,
-        "bytes": nbytes,
-        "cpu_s": cpu1 - cpu0,
-    }
-
-
-async def _crust_bulk_send(cmd: dict[str, Any], pipe: Pipe) -> dict[str, Any]:
-    count: int = cmd["count"]
-    payload = os.urandom(cmd["size"])
-    async with crust.Service(_crust_config(False)) as svc:
-        events = svc.events()
-        peer = await svc.connect(cmd["addr"])
-        send = svc.send
-        cpu0 = time.process_time()
-        t_start = clock()
-        for _ in range(count):
-            await send(peer, payload, 0)
-        t_sent = clock()
-        await next_message(events)
-        t_ack = clock()
-        cpu1 = time.process_time()
-    return {"t_start": t_start, "t_sent": t_sent, "t_ack": t_ack, "cpu_s": cpu1 - cpu0}
-
-
 async def _plain_bulk_recv(cmd: dict[str, Any], pipe: Pipe) -> dict[str, Any]:
     count: int = cmd["count"]
     got = nbytes = 0
@@ -399,30 +340,6 @@ async def _plain_bulk_send(cmd: dict[str, Any], pipe: Pipe) -> dict[str, Any]:
     return {"t_start": t_start, "t_sent": t_sent, "t_ack": t_ack, "cpu_s": cpu1 - cpu0}
 
 
-async def _crust_echo(cmd: dict[str, Any], pipe: Pipe) -> dict[str, Any]:
-    """Echo every message back; record each probe's one-way time (send -> received here)."""
-    count: int = cmd["count"]
-    one_way: list[float] = []
-    async with crust.Service(_crust_config(True)) as svc:
-        pipe.send({"addr": _tcp_contact(svc)})
-        cpu0 = time.process_time()
-        async for ev in svc.events():
-            if isinstance(ev, MessageReceived):
-                one_way.append(clock() - T0.unpack_from(ev.data)[0])
-                await svc.send(ev.peer, ev.data, 0)
-                if len(one_way) >= count:
-                    break
-        cpu1 = time.process_time()
-        # let the last dialler finish its clean close before ours begins
-        if svc.peers():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(3.0):
-                    async for ev in svc.events():
-                        if isinstance(ev, PeerLost) and not svc.peers():
-                            break
-    return {"one_way": one_way, "cpu_s": cpu1 - cpu0}
-
-
 async def _plain_echo(cmd: dict[str, Any], pipe: Pipe) -> dict[str, Any]:
     count: int = cmd["count"]
     one_way: list[float] = []
@@ -444,33 +361,6 @@ async def _plain_echo(cmd: dict[str, Any], pipe: Pipe) -> dict[str, Any]:
     finally:
         await _close_server(server, streams)
     return {"one_way": one_way, "cpu_s": cpu[1] - cpu[0]}
-
-
-async def _crust_connect_seq(cmd: dict[str, Any], pipe: Pipe) -> dict[str, Any]:
-    addr: str = cmd["addr"]
-    target = Contact.parse(addr).peer_id
-    assert target is not None
-    ident = ordered_identity(target, cmd["order"] == "lesser")
-    connect: list[float] = []
-    round_trip: list[float] = []
-    cycle: list[float] = []
-    async with crust.Service(_crust_config(False), identity=ident) as svc:
-        events = svc.events()
-        cpu0 = time.process_time()
-        for _ in range(cmd["count"]):
-            t0 = clock()
-            peer = await svc.connect(addr)
-            t1 = clock()
-            await svc.send(peer, probe(t0), 0)
-            await next_message(events)
-            t2 = clock()
-            await svc.disconnect(peer)
-            t3 = clock()
-            connect.append(t1 - t0)
-            round_trip.append(t2 - t0)
-            cycle.append(t3 - t0)
-        cpu = time.process_time() - cpu0
-    return {"connect": connect, "round_trip": round_trip, "cycle": cycle, "cpu_s": cpu}
 
 
 async def _plain_connect_seq(cmd: dict[str, Any], pipe: Pipe) -> dict[str, Any]:
@@ -505,32 +395,6 @@ async def _plain_connect_seq(cmd: dict[str, Any], pipe: Pipe) -> dict[str, Any]:
     return {"connect": connect, "round_trip": round_trip, "cycle": cycle, "cpu_s": cpu}
 
 
-async def _crust_cycles(cmd: dict[str, Any], pipe: Pipe) -> dict[str, Any]:
-    """``concurrency`` clients, each: connect, send a probe, await the echo, disconnect."""
-    addr: str = cmd["addr"]
-    per_client = cmd["count"] // cmd["concurrency"]
-    async with contextlib.AsyncExitStack() as stack:
-        services = [
-            await stack.enter_async_context(crust.Service(_crust_config(False)))
-            for _ in range(cmd["concurrency"])
-        ]
-
-        async def client(svc: crust.Service) -> None:
-            events = svc.events()
-            for _ in range(per_client):
-                peer = await svc.connect(addr)
-                await svc.send(peer, probe(clock()), 0)
-                await next_message(events)
-                await svc.disconnect(peer)
-
-        t_start = clock()
-        async with asyncio.TaskGroup() as tg:
-            for svc in services:
-                tg.create_task(client(svc))
-        t_end = clock()
-    return {"seconds": t_end - t_start, "connections": per_client * len(services)}
-
-
 async def _plain_cycles(cmd: dict[str, Any], pipe: Pipe) -> dict[str, Any]:
     addr: str = cmd["addr"]
     per_client = cmd["count"] // cmd["concurrency"]
@@ -561,15 +425,15 @@ async def _plain_cycles(cmd: dict[str, Any], pipe: Pipe) -> dict[str, Any]:
 
 
 HANDLERS: dict[str, Handler] = {
-    "crust_bulk_recv": _crust_bulk_recv,
-    "crust_bulk_send": _crust_bulk_send,
+    "crust_bulk_recv": common.crust_bulk_recv,
+    "crust_bulk_send": common.crust_bulk_send,
     "plain_bulk_recv": _plain_bulk_recv,
     "plain_bulk_send": _plain_bulk_send,
-    "crust_echo": _crust_echo,
+    "crust_echo": common.crust_echo,
     "plain_echo": _plain_echo,
-    "crust_connect_seq": _crust_connect_seq,
+    "crust_connect_seq": common.crust_connect_seq,
     "plain_connect_seq": _plain_connect_seq,
-    "crust_cycles": _crust_cycles,
+    "crust_cycles": common.crust_cycles,
     "plain_cycles": _plain_cycles,
 }
 

@@ -33,7 +33,8 @@ from typing import Any
 
 import crust
 from crust.aio.eventqueue import EventStream
-from crust.events import MessageReceived
+from crust.contact import Contact
+from crust.events import MessageReceived, PeerLost
 
 KiB = 1024
 MiB = 1024 * 1024
@@ -79,6 +80,148 @@ def host_port(addr: str) -> tuple[str, int]:
     """``HOST:PORT`` (IPv6 in brackets) -> ``(host, port)``."""
     host, _, port = addr.rpartition(":")
     return host.strip("[]"), int(port)
+
+
+# =============================================================================== crust side
+#
+# The crust half of every benchmark: the same handlers over TCP or QUIC (``cmd["scheme"]``).
+
+
+def crust_config(cmd: dict[str, Any], listen: bool) -> crust.Config:
+    """``Config.for_testing`` with one listener of ``cmd["scheme"]`` (default ``tcp``) on
+    127.0.0.1 (receiver) or none, plus the overrides in ``cmd["config"]``."""
+    scheme = cmd.get("scheme", "tcp")
+    overrides: dict[str, Any] = cmd.get("config", {})
+    return crust.Config.for_testing(
+        listen=(f"{scheme}://127.0.0.1:0",) if listen else (), **overrides
+    )
+
+
+def crust_contact(svc: crust.Service, cmd: dict[str, Any]) -> str:
+    scheme = cmd.get("scheme", "tcp")
+    return next(c for c in svc.contacts() if c.startswith(f"{scheme}://"))
+
+
+async def crust_bulk_recv(cmd: dict[str, Any], pipe: Pipe) -> dict[str, Any]:
+    count: int = cmd["count"]
+    got = nbytes = 0
+    t_first = t_last = 0.0
+    async with crust.Service(crust_config(cmd, True)) as svc:
+        pipe.send({"addr": crust_contact(svc, cmd)})
+        cpu0 = time.process_time()
+        async for ev in svc.events():
+            if isinstance(ev, MessageReceived):
+                if not got:
+                    t_first = clock()
+                got += 1
+                nbytes += len(ev.data)
+                if got >= count:
+                    t_last = clock()
+                    cpu1 = time.process_time()
+                    await svc.send(ev.peer, b"done", 0)
+                    break
+    return {
+        "t_first": t_first,
+        "t_last": t_last,
+        "messages": got,
+        "bytes": nbytes,
+        "cpu_s": cpu1 - cpu0,
+    }
+
+
+async def crust_bulk_send(cmd: dict[str, Any], pipe: Pipe) -> dict[str, Any]:
+    count: int = cmd["count"]
+    payload = os.urandom(cmd["size"])
+    async with crust.Service(crust_config(cmd, False)) as svc:
+        events = svc.events()
+        peer = await svc.connect(cmd["addr"])
+        send = svc.send
+        cpu0 = time.process_time()
+        t_start = clock()
+        for _ in range(count):
+            await send(peer, payload, 0)
+        t_sent = clock()
+        await next_message(events)
+        t_ack = clock()
+        cpu1 = time.process_time()
+    return {"t_start": t_start, "t_sent": t_sent, "t_ack": t_ack, "cpu_s": cpu1 - cpu0}
+
+
+async def crust_echo(cmd: dict[str, Any], pipe: Pipe) -> dict[str, Any]:
+    """Echo every message back; record each probe's one-way time (send -> received here)."""
+    count: int = cmd["count"]
+    one_way: list[float] = []
+    async with crust.Service(crust_config(cmd, True)) as svc:
+        pipe.send({"addr": crust_contact(svc, cmd)})
+        cpu0 = time.process_time()
+        async for ev in svc.events():
+            if isinstance(ev, MessageReceived):
+                one_way.append(clock() - T0.unpack_from(ev.data)[0])
+                await svc.send(ev.peer, ev.data, 0)
+                if len(one_way) >= count:
+                    break
+        cpu1 = time.process_time()
+        # let the last dialler finish its clean close before ours begins
+        if svc.peers():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(3.0):
+                    async for ev in svc.events():
+                        if isinstance(ev, PeerLost) and not svc.peers():
+                            break
+    return {"one_way": one_way, "cpu_s": cpu1 - cpu0}
+
+
+async def crust_connect_seq(cmd: dict[str, Any], pipe: Pipe) -> dict[str, Any]:
+    addr: str = cmd["addr"]
+    target = Contact.parse(addr).peer_id
+    assert target is not None
+    ident = ordered_identity(target, cmd["order"] == "lesser")
+    connect: list[float] = []
+    round_trip: list[float] = []
+    cycle: list[float] = []
+    async with crust.Service(crust_config(cmd, False), identity=ident) as svc:
+        events = svc.events()
+        cpu0 = time.process_time()
+        for _ in range(cmd["count"]):
+            t0 = clock()
+            peer = await svc.connect(addr)
+            t1 = clock()
+            await svc.send(peer, probe(t0), 0)
+            await next_message(events)
+            t2 = clock()
+            await svc.disconnect(peer)
+            t3 = clock()
+            connect.append(t1 - t0)
+            round_trip.append(t2 - t0)
+            cycle.append(t3 - t0)
+        cpu = time.process_time() - cpu0
+    return {"connect": connect, "round_trip": round_trip, "cycle": cycle, "cpu_s": cpu}
+
+
+async def crust_cycles(cmd: dict[str, Any], pipe: Pipe) -> dict[str, Any]:
+    """``concurrency`` clients, each: connect, send a probe, await the echo, disconnect."""
+    addr: str = cmd["addr"]
+    per_client = cmd["count"] // cmd["concurrency"]
+    async with contextlib.AsyncExitStack() as stack:
+        services = [
+            await stack.enter_async_context(crust.Service(crust_config(cmd, False)))
+            for _ in range(cmd["concurrency"])
+        ]
+
+        async def client(svc: crust.Service) -> None:
+            events = svc.events()
+            for _ in range(per_client):
+                peer = await svc.connect(addr)
+                await svc.send(peer, probe(clock()), 0)
+                await next_message(events)
+                await svc.disconnect(peer)
+
+        t_start = clock()
+        async with asyncio.TaskGroup() as tg:
+            for svc in services:
+                tg.create_task(client(svc))
+        t_end = clock()
+    return {"seconds": t_end - t_start, "connections": per_client * len(services)}
 
 
 # =============================================================================== worker side
