@@ -51,6 +51,8 @@ class Config:
     quic_ca_file: Path | None = None
     quic_certificate_file: Path | None = None
     quic_private_key_file: Path | None = None
+    quic_max_datagram_size: int | None = None
+    """Largest UDP payload QUIC sends; None: automatic (see docs/design.md, QUIC)."""
     max_message_size: int = 2 * MiB
     heartbeat_interval: float = 20.0
     heartbeat_timeout: float = 120.0
@@ -155,6 +157,13 @@ def _int_range(lo: int, hi: int) -> Any:
     return check
 
 
+def _or_none(check: Any) -> Any:
+    def or_none(name: str, v: Any) -> Any:
+        return None if v is None else check(name, v)
+
+    return or_none
+
+
 def _seconds(lo: float, hi: float) -> Any:
     def check(name: str, v: Any) -> float:
         if isinstance(v, bool) or not isinstance(v, int | float):
@@ -256,6 +265,7 @@ _CHECKS: dict[str, Any] = {
     "quic_ca_file": _path_or_none,
     "quic_certificate_file": _path_or_none,
     "quic_private_key_file": _path_or_none,
+    "quic_max_datagram_size": _or_none(_int_range(1200, 65_507)),
     "max_message_size": _int_range(1, 1024 * MiB),
     "heartbeat_interval": _seconds(0.01, 86400),
     "heartbeat_timeout": _seconds(0.05, 86400 * 7),

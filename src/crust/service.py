@@ -297,6 +297,7 @@ class Service:
             self._quic(),
             on_ready=self._quic_inbound_ready,
             on_failed=self._quic_inbound_failed,
+            datagram_size=self.config.quic_max_datagram_size,
         )
         if reason is not None:
             # the address is validated (Retry): tell it at once (CONNECTION_REFUSED)
@@ -519,7 +520,12 @@ class Service:
     async def _attempt_quic(self, contact: Contact) -> PeerId:
         """Dial a QUIC contact from a shared UDP socket; crust's session runs on its first
         bidirectional stream once the QUIC handshake (ALPN = network) is done."""
-        link = QuicLink.dial(self._dial_mux(contact), contact.address, self._quic())
+        link = QuicLink.dial(
+            self._dial_mux(contact),
+            contact.address,
+            self._quic(),
+            datagram_size=self.config.quic_max_datagram_size,
+        )
         try:
             await link.ready
         except BaseException as exc:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import hashlib
+import ipaddress
 import logging
 import ssl
 from collections.abc import Callable
@@ -51,6 +52,24 @@ datagrams are dropped unread, so the peer's QUIC stack backs off and resends lat
 CLOSE_LINGER = 5.0
 """After our FIN, how long to wait for the peer's FIN before closing the QUIC connection."""
 ALPN_MISMATCH = QuicErrorCode.CRYPTO_ERROR + AlertDescription.no_application_protocol
+INTERNET_DATAGRAM_SIZE = 1350
+"""Default largest UDP payload towards any address but loopback (aioquic does no path MTU
+discovery, so this must fit every path: see docs/design.md, QUIC)."""
+LOOPBACK_DATAGRAM_SIZE = 16_384
+"""Default largest UDP payload towards a loopback address (fits every loopback MTU)."""
+
+
+def datagram_size_for(host: str, configured: int | None = None) -> int:
+    """The largest UDP payload to send to ``host``: ``configured`` if given, else
+    :data:`LOOPBACK_DATAGRAM_SIZE` for a loopback address and
+    :data:`INTERNET_DATAGRAM_SIZE` otherwise."""
+    if configured is not None:
+        return configured
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    return LOOPBACK_DATAGRAM_SIZE if loopback else INTERNET_DATAGRAM_SIZE
 
 
 def alpn_for(network_name: str) -> str:
@@ -185,9 +204,19 @@ class QuicLink:
     # ------------------------------------------------------------ construction
 
     @classmethod
-    def dial(cls, mux: UdpMux, remote: Address, settings: QuicSettings) -> QuicLink:
-        """Start a client connection from ``mux``'s socket; await ``link.ready``."""
-        quic = QuicConnection(configuration=settings.configuration(is_client=True))
+    def dial(
+        cls,
+        mux: UdpMux,
+        remote: Address,
+        settings: QuicSettings,
+        *,
+        datagram_size: int | None = None,
+    ) -> QuicLink:
+        """Start a client connection from ``mux``'s socket; await ``link.ready``.
+        ``datagram_size``: the configured maximum, None for :func:`datagram_size_for`'s."""
+        config = settings.configuration(is_client=True)
+        config.max_datagram_size = datagram_size_for(remote[0], datagram_size)
+        quic = QuicConnection(configuration=config)
         link = cls(mux, quic, remote, settings)
         quic.connect(remote, now=link._loop.time())
         link._stream_id = quic.get_next_available_stream_id()
@@ -204,9 +233,13 @@ class QuicLink:
         settings: QuicSettings,
         on_ready: Callable[[QuicLink], None],
         on_failed: Callable[[QuicLink, BaseException], None],
+        *,
+        datagram_size: int | None = None,
     ) -> QuicLink:
+        config = settings.configuration(is_client=False)
+        config.max_datagram_size = datagram_size_for(remote[0], datagram_size)
         quic = QuicConnection(
-            configuration=settings.configuration(is_client=False),
+            configuration=config,
             original_destination_connection_id=original_dcid,
             retry_source_connection_id=retry_scid,
         )
