@@ -788,6 +788,7 @@ def run(
     *,
     progress: Progress | None = None,
     repeats: int | None = None,
+    profile: str | None = None,
     datagram_sizes: tuple[int, ...] = DATAGRAM_SIZES,
 ) -> dict[str, Any]:
     """Run every measurement; return a JSON-serialisable dict (environment, figures).
@@ -806,7 +807,7 @@ def run(
     started = time.time()
     load_before = common.load_average()
     tls = bare_certificate()
-    pair = WorkerPair("benchmarks.bench_quic")
+    pair = WorkerPair("benchmarks.bench_quic", profile=profile)
     try:
         for dsize in datagram_sizes:
             for size in SIZES:
@@ -893,7 +894,11 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m benchmarks.bench_quic",
         description="crust over QUIC vs bare aioquic on loopback (throughput, connections)",
         run=lambda args, say: run(
-            args.quick, progress=say, repeats=args.repeats, datagram_sizes=args.datagram_sizes
+            args.quick,
+            progress=say,
+            repeats=args.repeats,
+            profile=args.profile,
+            datagram_sizes=args.datagram_sizes,
         ),
         title="crust loopback QUIC benchmark",
         baseline="bare aioquic",

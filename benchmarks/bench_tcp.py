@@ -605,6 +605,7 @@ def run(
     *,
     progress: Callable[[str], None] | None = None,
     repeats: int | None = None,
+    profile: str | None = None,
 ) -> dict[str, Any]:
     """Run every measurement; return a JSON-serialisable dict (environment, figures).
 
@@ -622,7 +623,7 @@ def run(
     figures: list[dict[str, Any]] = []
     started = time.time()
     load_before = common.load_average()
-    pair = WorkerPair("benchmarks.bench_tcp")
+    pair = WorkerPair("benchmarks.bench_tcp", profile=profile)
     try:
 
         def step(
@@ -689,7 +690,9 @@ def main(argv: list[str] | None = None) -> int:
         argv,
         prog="python -m benchmarks.bench_tcp",
         description="crust vs plain asyncio TCP on loopback (throughput, messages/s, latency)",
-        run=lambda args, say: run(args.quick, progress=say, repeats=args.repeats),
+        run=lambda args, say: run(
+            args.quick, progress=say, repeats=args.repeats, profile=args.profile
+        ),
         title="crust loopback TCP benchmark",
         baseline="plain asyncio TCP",
     )

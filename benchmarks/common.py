@@ -239,6 +239,23 @@ def _exit_with_parent(parent: int) -> None:
     os._exit(1)
 
 
+def _run_command(handlers: dict[str, Handler], cmd: dict[str, Any], pipe: Pipe) -> Any:
+    """Run one command; with ``cmd["profile"]`` (a directory) under cProfile, the stats
+    written to ``<dir>/<op>-<pid>-<n>.prof``."""
+    profile_dir: str | None = cmd.get("profile")
+    if not profile_dir:
+        return asyncio.run(_dispatch(handlers, cmd, pipe))
+    import cProfile
+
+    prof = cProfile.Profile()
+    try:
+        return prof.runcall(asyncio.run, _dispatch(handlers, cmd, pipe))
+    finally:
+        os.makedirs(profile_dir, exist_ok=True)
+        n = sum(1 for name in os.listdir(profile_dir) if name.startswith(cmd["op"]))
+        prof.dump_stats(os.path.join(profile_dir, f"{cmd['op']}-{os.getpid()}-{n}.prof"))
+
+
 def worker_main(pipe: Pipe, parent: int, module: str) -> None:
     """A benchmark worker process: run commands from ``pipe`` until None or EOF, looking
     each operation up in ``module``'s ``HANDLERS``."""
@@ -255,7 +272,7 @@ def worker_main(pipe: Pipe, parent: int, module: str) -> None:
         if has_alarm:  # last resort: the process dies if a command wedges the event loop
             signal.alarm(int(cmd["timeout"]) + 30)
         try:
-            result = asyncio.run(_dispatch(handlers, cmd, pipe))
+            result = _run_command(handlers, cmd, pipe)
         except Exception as exc:
             result = {"error": f"{cmd.get('op')}: {type(exc).__name__}: {exc}"}
         finally:
@@ -314,8 +331,9 @@ class WorkerPair:
     """A receiver and a sender process running ``module``'s handlers; restarted after any
     failure."""
 
-    def __init__(self, module: str) -> None:
+    def __init__(self, module: str, *, profile: str | None = None) -> None:
         self._module = module
+        self._profile = profile
         self._ctx = multiprocessing.get_context("spawn")
         self._receiver: Worker | None = None
         self._sender: Worker | None = None
@@ -339,9 +357,10 @@ class WorkerPair:
         """Start ``recv_cmd``; once it reports its ``addr``, run ``send_cmd`` against it."""
         receiver, sender = self._start()
         try:
-            receiver.send({**recv_cmd, "timeout": timeout})
+            extra = {"timeout": timeout, "profile": self._profile}
+            receiver.send({**recv_cmd, **extra})
             ready = receiver.recv(30.0 + timeout)
-            sender.send({**send_cmd, "addr": ready["addr"], "timeout": timeout})
+            sender.send({**send_cmd, "addr": ready["addr"], **extra})
             sent = sender.recv(timeout + 15.0)
             received = receiver.recv(timeout + 15.0)
         except BaseException:
@@ -630,6 +649,12 @@ def main(
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--quick", action="store_true", help="much smaller counts (a smoke run)")
     parser.add_argument("--repeats", type=int, default=None, help="bulk repeats (median)")
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        default=None,
+        help="run every worker command under cProfile, stats written to DIR (slows it down)",
+    )
     if add_arguments is not None:
         add_arguments(parser)
     args = parser.parse_args(argv)

@@ -10,7 +10,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from crust.aio.udp_mux import CID_LENGTH, STAT_NAMES, Address, UdpMux, parse_dcid
+from crust.aio.udp_mux import (
+    CID_LENGTH,
+    SOCKET_BUFFER,
+    STAT_NAMES,
+    Address,
+    UdpMux,
+    parse_dcid,
+)
 
 KNOWN_CID = bytes(range(1, CID_LENGTH + 1))
 PEER: Address = ("127.0.0.1", 9)  # discard port: Retry packets sent there go nowhere
@@ -179,3 +186,30 @@ async def test_socket_reader_drains_batches_and_hooks_other_datagrams() -> None:
     assert [int.from_bytes(d[2:], "big") for d in got] == list(range(n))
     assert mux.stats["other_datagrams"] == n
     assert mux.stats["dropped_unknown_cid"] >= n - 1  # the last one may still be unread
+
+
+def _rmem_max() -> int | None:
+    try:
+        with open("/proc/sys/net/core/rmem_max") as f:
+            return int(f.read())
+    except OSError:
+        return None
+
+
+async def test_socket_buffers_are_enlarged_within_the_kernel_limits() -> None:
+    """Full-size datagrams in flight must fit the receive buffer, else the kernel drops
+    them and QUIC halves its window; Linux grants min(request, rmem_max), doubled."""
+    plain = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    default_rcv = plain.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    plain.close()
+    mux = UdpMux.bind("127.0.0.1", 0, acceptor=None)
+    try:
+        rcv, snd = mux.buffer_sizes
+        assert rcv == mux.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        assert snd == mux.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        rmem_max = _rmem_max()
+        if rmem_max is not None:  # Linux
+            assert rcv >= min(SOCKET_BUFFER, rmem_max)
+        assert rcv >= default_rcv
+    finally:
+        mux.close()

@@ -348,7 +348,7 @@ class QuicLink:
     def _process(self) -> None:
         quic = self.quic
         while (event := quic.next_event()) is not None:
-            if isinstance(event, qe.StreamDataReceived):
+            if type(event) is qe.StreamDataReceived:
                 self._stream_data(event)
             elif isinstance(event, qe.ConnectionIdIssued):
                 self.mux.register(event.connection_id, self)
@@ -360,6 +360,9 @@ class QuicLink:
                 self._closed_by(event)
                 self._end()
                 return
+        # the stream data of the whole batch goes to the session in one piece
+        if (self._pending or self._pending_fin) and not self._read_paused:
+            self._deliver_pending()
         # aioquic reports ConnectionTerminated only after draining (3 PTO): react at once
         early: Any = getattr(quic, "_close_event", None)
         if isinstance(early, qe.ConnectionTerminated):
@@ -394,8 +397,6 @@ class QuicLink:
             self._pending_bytes += len(event.data)
         if event.end_stream:
             self._pending_fin = True
-        if not self._read_paused and self.conn is not None:
-            self._deliver_pending()
 
     def _deliver_pending(self) -> None:
         conn = self.conn
@@ -406,8 +407,12 @@ class QuicLink:
                 self._pending.clear()
                 self._pending_bytes = 0
                 break
-            chunk = self._pending.pop(0)
-            self._pending_bytes -= len(chunk)
+            # one call for everything pending: the session then parses whole records in
+            # place instead of completing one record per QUIC packet
+            pending = self._pending
+            chunk = pending[0] if len(pending) == 1 else b"".join(pending)
+            pending.clear()
+            self._pending_bytes = 0
             conn.data_received(chunk)
         if self._pending_fin and not self._pending and (not self._read_paused or conn.closed):
             self._pending_fin = False

@@ -41,6 +41,11 @@ MAX_CID_LENGTH = 20
 RECV_BUFFER = 65_536
 MAX_BATCH = 64
 """Datagrams read per reader callback before yielding to the loop."""
+SOCKET_BUFFER = 4 * 1024 * 1024
+"""Requested SO_RCVBUF / SO_SNDBUF.  The kernel's default (about 208 KiB on Linux) holds
+only a few dozen full datagrams: a burst larger than that is dropped by the kernel and
+QUIC's congestion control halves its window.  Linux caps the request at
+``net.core.rmem_max`` / ``wmem_max`` (see docs/design.md, QUIC)."""
 MIN_INITIAL_SIZE = 1200
 """RFC 9000 §14.1: a client Initial is padded to 1200 bytes; smaller ones are not served."""
 SUPPORTED_VERSIONS = (QuicProtocolVersion.VERSION_1, QuicProtocolVersion.VERSION_2)
@@ -114,6 +119,19 @@ def parse_dcid(data: bytes | memoryview) -> bytes | None:
     return bytes(data[1 : 1 + CID_LENGTH])
 
 
+def enlarge_buffers(sock: socket.socket, size: int) -> tuple[int, int]:
+    """Ask for ``size``-byte receive and send buffers (never shrinking them); returns the
+    sizes granted.  A refusal is not an error: the defaults still work, only slower."""
+    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        with contextlib.suppress(OSError):
+            if sock.getsockopt(socket.SOL_SOCKET, opt) < size:
+                sock.setsockopt(socket.SOL_SOCKET, opt, size)
+    return (
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
+    )
+
+
 def is_quic(first_byte: int) -> bool:
     """QUIC packets (other than version negotiation) have the fixed bit set."""
     return bool(first_byte & 0x40) or bool(first_byte & 0x80)
@@ -136,6 +154,8 @@ class UdpMux:
     ) -> None:
         sock.setblocking(False)
         self.sock = sock
+        self.buffer_sizes = enlarge_buffers(sock, SOCKET_BUFFER)
+        """(receive, send) socket buffer sizes the kernel granted."""
         self.family = sock.family
         self.local_address: Address = sock.getsockname()[:2]
         self.acceptor = acceptor
