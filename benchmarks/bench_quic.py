@@ -77,6 +77,7 @@ from benchmarks.common import (
     summary_ms,
 )
 from crust.aio import quic as crust_quic
+from crust.config import MAX_QUIC_DATAGRAM
 
 SIZES = (SMALL, 64 * KiB, MiB)
 DATAGRAM_SIZES = (crust_quic.INTERNET_DATAGRAM_SIZE, crust_quic.LOOPBACK_DATAGRAM_SIZE)
@@ -874,8 +875,10 @@ def _datagram_sizes(text: str) -> tuple[int, ...]:
         sizes = tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}") from None
-    if not sizes or any(not 1200 <= s <= 65_507 for s in sizes):
-        raise argparse.ArgumentTypeError("datagram sizes must be between 1200 and 65507")
+    if not sizes or any(not 1200 <= s <= MAX_QUIC_DATAGRAM for s in sizes):
+        raise argparse.ArgumentTypeError(
+            f"datagram sizes must be between 1200 and {MAX_QUIC_DATAGRAM}"
+        )
     return sizes
 
 

@@ -32,6 +32,11 @@ def default_identity_path() -> Path:
     return platformdirs.user_data_path("crust") / "identity.pem"
 
 
+MAX_QUIC_DATAGRAM = 16_384
+"""aioquic writes a STREAM frame's length as a 2-byte varint (< 16384), so larger packets
+would carry corrupt frames."""
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything a :class:`crust.Service` can be told. Every field has a safe default."""
@@ -265,7 +270,7 @@ _CHECKS: dict[str, Any] = {
     "quic_ca_file": _path_or_none,
     "quic_certificate_file": _path_or_none,
     "quic_private_key_file": _path_or_none,
-    "quic_max_datagram_size": _or_none(_int_range(1200, 65_507)),
+    "quic_max_datagram_size": _or_none(_int_range(1200, MAX_QUIC_DATAGRAM)),
     "max_message_size": _int_range(1, 1024 * MiB),
     "heartbeat_interval": _seconds(0.01, 86400),
     "heartbeat_timeout": _seconds(0.05, 86400 * 7),

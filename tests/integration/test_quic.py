@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import socket
 import ssl
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from aioquic._buffer import Buffer
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.packet import QuicPacketType, pull_quic_header
 
-from crust.aio.quic import alpn_for
+from crust.aio.quic import QuicLink, alpn_for, datagram_size_for
 from crust.aio.udp_mux import CID_LENGTH, UdpMux
 from crust.events import MessageReceived, PeerConnected, PeerLost
 from crust.service import Service
@@ -239,3 +241,28 @@ def test_aioquic_internals_we_rely_on_still_exist() -> None:
     assert isinstance(sender._buffer_start, int)
     assert isinstance(sender._buffer_stop, int)
     assert sender._buffer_stop - sender._buffer_start == 5000
+
+
+@pytest.mark.parametrize(("configured", "expected"), [(None, 16_384), (1200, 1200), (1350, 1350)])
+async def test_datagram_size_is_configured_or_chosen_by_path(
+    make: Make, configured: int | None, expected: int
+) -> None:
+    """Loopback gets the largest datagrams aioquic can fill correctly unless configured;
+    data crosses intact either way (stream frames cut at every packet size)."""
+    a, _ = await make(quic_max_datagram_size=configured)
+    b, wb = await make(quic_max_datagram_size=configured)
+    peer = await a.connect(quic_contact(b))
+    assert datagram_size_for("127.0.0.1", configured) == expected
+    assert datagram_size_for("::1", configured) == expected
+    assert datagram_size_for("198.51.100.7", configured) == (configured or 1350)
+    sizes = {
+        link.quic.configuration.max_datagram_size
+        for svc in (a, b)
+        for mux in (*svc._muxes, *svc._client_muxes.values())
+        for link in mux._clients
+        if isinstance(link, QuicLink)
+    }
+    assert sizes == {expected}
+    data = random.Random(7).randbytes(300_000)
+    await a.send(peer, data)
+    assert (await wb.count(MessageReceived, 1))[0].data == data

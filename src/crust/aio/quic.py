@@ -38,6 +38,7 @@ from cryptography.x509.oid import NameOID
 from crust import errors
 from crust.aio.connection import Connection
 from crust.aio.udp_mux import CID_LENGTH, Address, UdpMux
+from crust.config import MAX_QUIC_DATAGRAM
 from crust.contact import format_address
 
 log = logging.getLogger("crust.quic")
@@ -55,7 +56,7 @@ ALPN_MISMATCH = QuicErrorCode.CRYPTO_ERROR + AlertDescription.no_application_pro
 INTERNET_DATAGRAM_SIZE = 1350
 """Default largest UDP payload towards any address but loopback (aioquic does no path MTU
 discovery, so this must fit every path: see docs/design.md, QUIC)."""
-LOOPBACK_DATAGRAM_SIZE = 16_384
+LOOPBACK_DATAGRAM_SIZE = MAX_QUIC_DATAGRAM
 """Default largest UDP payload towards a loopback address (fits every loopback MTU)."""
 
 
