@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 from collections.abc import Iterator
 
@@ -16,6 +17,7 @@ from crust.aio.udp_mux import (
     STAT_NAMES,
     Address,
     UdpMux,
+    enlarge_buffers,
     parse_dcid,
 )
 
@@ -213,3 +215,85 @@ async def test_socket_buffers_are_enlarged_within_the_kernel_limits() -> None:
         assert rcv >= default_rcv
     finally:
         mux.close()
+
+
+class _Receiver:
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.setblocking(False)
+        enlarge_buffers(self.sock, SOCKET_BUFFER)  # the whole batch arrives at once
+        self.addr: Address = self.sock.getsockname()[:2]
+        self.got: list[bytes] = []
+
+    async def expect(self, n: int) -> list[bytes]:
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(10):
+            while len(self.got) < n:
+                self.got.append(await loop.sock_recv(self.sock, 65_536))
+        return self.got
+
+
+def _batch(a: Address, b: Address) -> list[tuple[bytes, Address]]:
+    """Runs of equal sizes, a shorter datagram ending a run, another address in between."""
+    out: list[tuple[bytes, Address]] = []
+    n = 0
+    for addr, sizes in (
+        (a, [1350] * 50 + [700]),
+        (b, [1350] * 3),
+        (a, [900, 1350, 1350, 1350]),
+        (a, [16_384] * 7 + [100]),
+        (b, [1200]),
+    ):
+        for size in sizes:
+            out.append((n.to_bytes(4, "big") * (size // 4), addr))
+            n += 1
+    return out
+
+
+class _RefusingSocket:
+    """A socket whose kernel refuses UDP GSO (EIO), as on a device without checksum
+    offload."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self.family = sock.family
+
+    def sendmsg(self, *args: object) -> int:
+        raise OSError(errno.EIO, "GSO refused")
+
+    def sendto(self, data: bytes, addr: Address) -> int:
+        return self._sock.sendto(data, addr)
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+@pytest.mark.parametrize("gso", ["kernel", "refused"])
+async def test_send_datagrams_keeps_every_datagram_and_its_order(gso: str) -> None:
+    mux = UdpMux.bind("127.0.0.1", 0, acceptor=None)
+    ra, rb = _Receiver(), _Receiver()
+    try:
+        if gso == "refused":
+            mux.sock = _RefusingSocket(mux.sock)  # type: ignore[assignment]
+        batch = _batch(ra.addr, rb.addr)
+        mux.send_datagrams(batch)
+        want_a = [d for d, addr in batch if addr == ra.addr]
+        want_b = [d for d, addr in batch if addr == rb.addr]
+        assert await ra.expect(len(want_a)) == want_a
+        assert await rb.expect(len(want_b)) == want_b
+        assert mux.stats["datagrams_sent"] == len(batch)
+        assert mux.stats["send_dropped"] == 0
+        if gso == "refused":
+            assert not mux.gso
+        if mux.gso:
+            # 50 x 1350 + 700 -> 48 + 3; 3 x 1350; 900 ends its run at once; 3 x 1350;
+            # 7 x 16384 + 100 -> 3 + 3 + 2
+            assert mux.stats["gso_sends"] == 7
+    finally:
+        mux.close()
+        ra.sock.close()
+        rb.sock.close()

@@ -476,9 +476,9 @@ class QuicLink:
         self._transmit_scheduled = False
         if self._terminated:
             return
-        mux = self.mux
-        for data, addr in self.quic.datagrams_to_send(now=self._loop.time()):
-            mux.sendto(data, addr)
+        datagrams = self.quic.datagrams_to_send(now=self._loop.time())
+        if datagrams:
+            self.mux.send_datagrams(datagrams)
         self._arm_timer()
 
     def _arm_timer(self) -> None:
