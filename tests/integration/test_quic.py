@@ -16,7 +16,7 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.packet import QuicPacketType, pull_quic_header
 
-from crust.aio.quic import QuicLink, alpn_for, datagram_size_for
+from crust.aio.quic import QuicLink, alpn_for, datagram_size_for, self_signed_certificate
 from crust.aio.udp_mux import CID_LENGTH, UdpMux
 from crust.events import MessageReceived, PeerConnected, PeerLost
 from crust.service import Service
@@ -227,7 +227,7 @@ async def test_client_only_socket_without_quic_listener(make: Make) -> None:
 
 
 def test_aioquic_internals_we_rely_on_still_exist() -> None:
-    """crust reads two private aioquic attributes (see crust/aio/quic.py); if an aioquic
+    """crust reads private aioquic attributes (see crust/aio/quic.py); if an aioquic
     upgrade renames them, send backpressure and early close detection would silently stop:
     this test fails loudly instead."""
     config = QuicConfiguration(is_client=True, alpn_protocols=["x"])
@@ -266,3 +266,53 @@ async def test_datagram_size_is_configured_or_chosen_by_path(
     data = random.Random(7).randbytes(300_000)
     await a.send(peer, data)
     assert (await wb.count(MessageReceived, 1))[0].data == data
+
+
+SERVER = ("127.0.0.2", 4433)
+CLIENT = ("127.0.0.3", 5555)
+
+
+def _handshaken_pair() -> tuple[QuicConnection, QuicConnection, float]:
+    """An aioquic client and server, handshake done in memory; returns them and `now`."""
+    cert, key = self_signed_certificate()
+    client = QuicConnection(
+        configuration=QuicConfiguration(
+            is_client=True, alpn_protocols=["x"], verify_mode=ssl.CERT_NONE
+        )
+    )
+    server_config = QuicConfiguration(is_client=False, alpn_protocols=["x"])
+    server_config.certificate, server_config.private_key = cert, key
+    now = 0.0
+    client.connect(SERVER, now=now)
+    first = client.datagrams_to_send(now=now)
+    header = pull_quic_header(Buffer(data=first[0][0]), host_cid_length=8)
+    server = QuicConnection(
+        configuration=server_config,
+        original_destination_connection_id=header.destination_cid,
+    )
+    pending = [(server, d) for d, _ in first]
+    for _ in range(50):
+        if not pending:
+            break
+        now += 0.001
+        for target, data in pending:
+            target.receive_datagram(data, SERVER if target is client else CLIENT, now)
+        pending = [(server, d) for d, _ in client.datagrams_to_send(now=now)]
+        pending += [(client, d) for d, _ in server.datagrams_to_send(now=now)]
+    assert client._handshake_complete and server._handshake_complete
+    return client, server, now
+
+
+def test_aioquic_pacing_time_we_read_still_means_what_we_assume() -> None:
+    """QuicLink._transmit keeps calling datagrams_to_send while the private
+    ``_pacing_at`` has passed: it must be the time pacing allows the next packet."""
+    client, _server, now = _handshaken_pair()
+    stream_id = client.get_next_available_stream_id()
+    client.send_stream_data(stream_id, bytes(200_000))
+    sent = client.datagrams_to_send(now=now)
+    assert sent  # the bucket allowed a few packets, then pacing held the rest back
+    pacing_at = client._pacing_at
+    assert isinstance(pacing_at, float) and pacing_at > now
+    assert client.get_timer() is not None and client.get_timer() <= pacing_at
+    assert client.datagrams_to_send(now=now) == []  # still held back at the same time
+    assert client.datagrams_to_send(now=pacing_at)  # released once that time has come

@@ -9,8 +9,10 @@ priorities, heartbeats) behaves exactly as over TCP.
 
 aioquic internals used (no public API exists for them; all behind ``getattr`` with a safe
 fallback): ``QuicConnection._close_event`` to notice a close at once rather than after the
-3 PTO draining period, and the stream sender's ``_buffer_start``/``_buffer_stop`` (bytes
-written but not yet acknowledged) to emulate ``pause_writing``.
+3 PTO draining period, the stream sender's ``_buffer_start``/``_buffer_stop`` (bytes
+written but not yet acknowledged) to emulate ``pause_writing``, and
+``QuicConnection._pacing_at`` (when pacing allows the next packet) to build every packet
+that is already due in one transmit.
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ WRITE_LOW_WATER = 256 * 1024
 PAUSED_BUFFER_LIMIT = 1024 * 1024
 """While reading is paused, stream data is buffered up to this much; beyond it the link's
 datagrams are dropped unread, so the peer's QUIC stack backs off and resends later."""
+PACING_ROUNDS = 32
+"""At most this many ``datagrams_to_send`` calls per transmit while aioquic's pacing time
+has already passed (see :meth:`QuicLink._transmit`)."""
 CLOSE_LINGER = 5.0
 """After our FIN, how long to wait for the peer's FIN before closing the QUIC connection."""
 ALPN_MISMATCH = QuicErrorCode.CRYPTO_ERROR + AlertDescription.no_application_protocol
@@ -478,7 +483,23 @@ class QuicLink:
         self._transmit_scheduled = False
         if self._terminated:
             return
-        datagrams = self.quic.datagrams_to_send(now=self._loop.time())
+        quic = self.quic
+        clock = self._loop.time
+        datagrams = quic.datagrams_to_send(now=clock())
+        # aioquic paces packet by packet; when the path is fast (loopback, LAN) its next
+        # send time is a few microseconds away and each call yields one or two packets.
+        # Going through the event loop for every one of them (a call_at, an epoll) costs
+        # more than the packet: keep building while the pacing time has already come.
+        rounds = 1
+        while rounds < PACING_ROUNDS:
+            pacing_at: Any = getattr(quic, "_pacing_at", None)
+            if not isinstance(pacing_at, float) or pacing_at > clock():
+                break
+            more = quic.datagrams_to_send(now=clock())
+            if not more:
+                break
+            datagrams += more
+            rounds += 1
         if datagrams:
             self.mux.send_datagrams(datagrams)
         self._arm_timer()
