@@ -313,6 +313,7 @@ def test_aioquic_pacing_time_we_read_still_means_what_we_assume() -> None:
     assert sent  # the bucket allowed a few packets, then pacing held the rest back
     pacing_at = client._pacing_at
     assert isinstance(pacing_at, float) and pacing_at > now
-    assert client.get_timer() is not None and client.get_timer() <= pacing_at
+    timer = client.get_timer()
+    assert timer is not None and timer <= pacing_at
     assert client.datagrams_to_send(now=now) == []  # still held back at the same time
     assert client.datagrams_to_send(now=pacing_at)  # released once that time has come

@@ -276,9 +276,7 @@ class QuicLink:
             self.on_ready = self.on_failed = None
             self.quic.close(error_code=QuicErrorCode.CONNECTION_REFUSED, reason_phrase=self.refusal)
         self._process()
-        # not at once: what the input causes (a handshake message, a reply the application
-        # sends when its task wakes up) is written first and leaves in the same datagrams
-        self._transmit_soon()
+        self._transmit()
 
     def detach(self) -> None:
         """The mux is gone: stop every timer."""
