@@ -47,8 +47,12 @@ log = logging.getLogger("crust.quic")
 
 ALPN_PREFIX = "crust/1/"
 MAX_ALPN_NAME = 48
-WRITE_HIGH_WATER = 1024 * 1024
-WRITE_LOW_WATER = 256 * 1024
+WRITE_HIGH_WATER = 4 * 1024 * 1024
+"""Stream bytes handed to aioquic and not yet acknowledged above which the Session stops
+writing (what may be in flight: 4 MiB covers 10 MB/s at 400 ms round trip)."""
+WRITE_LOW_WATER = 2 * 1024 * 1024
+"""Writing resumes below this; half the window, so the sender refills while the peer still
+has data to read (measured: 1 MiB / 256 KiB left both sides idle in turn)."""
 PAUSED_BUFFER_LIMIT = 1024 * 1024
 """While reading is paused, stream data is buffered up to this much; beyond it the link's
 datagrams are dropped unread, so the peer's QUIC stack backs off and resends later."""
