@@ -278,7 +278,7 @@ async def test_send_datagrams_keeps_every_datagram_and_its_order(gso: str) -> No
     ra, rb = _Receiver(), _Receiver()
     try:
         if gso == "refused":
-            mux.sock = _RefusingSocket(mux.sock)  # type: ignore[assignment]
+            mux.sender.sock = _RefusingSocket(mux.sock)  # type: ignore[assignment]
         batch = _batch(ra.addr, rb.addr)
         mux.send_datagrams(batch)
         want_a = [d for d, addr in batch if addr == ra.addr]
@@ -288,8 +288,8 @@ async def test_send_datagrams_keeps_every_datagram_and_its_order(gso: str) -> No
         assert mux.stats["datagrams_sent"] == len(batch)
         assert mux.stats["send_dropped"] == 0
         if gso == "refused":
-            assert not mux.gso
-        if mux.gso:
+            assert not mux.sender.gso
+        if mux.sender.gso:
             # 50 x 1350 + 700 -> 48 + 3; 3 x 1350; 900 ends its run at once; 3 x 1350;
             # 7 x 16384 + 100 -> 3 + 3 + 2
             assert mux.stats["gso_sends"] == 7

@@ -150,6 +150,75 @@ def is_quic(first_byte: int) -> bool:
     return bool(first_byte & 0x40) or bool(first_byte & 0x80)
 
 
+class DatagramSender:
+    """Sends datagrams from one non-blocking UDP socket, counting into ``stats``
+    (``datagrams_sent``, ``gso_sends``, ``send_dropped``).  A datagram that cannot be sent
+    at once is dropped: QUIC's loss recovery sends its content again."""
+
+    def __init__(self, sock: socket.socket, stats: dict[str, int]) -> None:
+        self.sock = sock
+        self.stats = stats
+        self.gso = sys.platform == "linux" and hasattr(sock, "sendmsg")
+        """Send runs of equal-size datagrams to one address with one ``sendmsg`` (UDP GSO);
+        turned off for good when the kernel refuses it."""
+
+    def sendto(self, data: bytes, addr: Address) -> None:
+        try:
+            self.sock.sendto(data, addr)
+            self.stats["datagrams_sent"] += 1
+        except (BlockingIOError, InterruptedError):
+            self.stats["send_dropped"] += 1
+        except OSError as exc:
+            self.stats["send_dropped"] += 1
+            log.debug("sendto %s failed: %s", addr, exc)
+
+    def send(self, datagrams: list[tuple[bytes, Address]]) -> None:
+        """Send datagrams in order.  With GSO, each run of datagrams to one address whose
+        sizes are equal (the last of a run may be shorter) leaves in one system call; the
+        kernel (or the network card) cuts it into the same datagrams."""
+        if not self.gso or len(datagrams) < 2:
+            for data, addr in datagrams:
+                self.sendto(data, addr)
+            return
+        i, n = 0, len(datagrams)
+        while i < n:
+            data, addr = datagrams[i]
+            size = len(data)
+            limit = min(MAX_GSO_SEGMENTS, MAX_UDP_PAYLOAD // size)
+            j = i + 1
+            while j < n and j - i < limit:
+                d, a = datagrams[j]
+                if a != addr or len(d) > size:
+                    break
+                j += 1
+                if len(d) < size:  # a shorter one can only end the run
+                    break
+            if j - i == 1:
+                self.sendto(data, addr)
+            else:
+                self._send_segments([d for d, _ in datagrams[i:j]], size, addr)
+            i = j
+
+    def _send_segments(self, segments: list[bytes], size: int, addr: Address) -> None:
+        try:
+            self.sock.sendmsg(
+                [b"".join(segments)], [(socket.SOL_UDP, UDP_SEGMENT, _U16.pack(size))], 0, addr
+            )
+            self.stats["datagrams_sent"] += len(segments)
+            self.stats["gso_sends"] += 1
+        except (BlockingIOError, InterruptedError):
+            self.stats["send_dropped"] += len(segments)
+        except OSError as exc:
+            if exc.errno in _GSO_OFF_ERRNOS:
+                log.debug("UDP GSO refused (%s): sending datagrams one by one", exc)
+                self.gso = False
+                for data in segments:
+                    self.sendto(data, addr)
+            else:
+                self.stats["send_dropped"] += len(segments)
+                log.debug("sendmsg %s failed: %s", addr, exc)
+
+
 class UdpMux:
     """A non-blocking UDP socket carrying many QUIC connections (both directions).
 
@@ -169,9 +238,6 @@ class UdpMux:
         self.sock = sock
         self.buffer_sizes = enlarge_buffers(sock, SOCKET_BUFFER)
         """(receive, send) socket buffer sizes the kernel granted."""
-        self.gso = sys.platform == "linux" and hasattr(sock, "sendmsg")
-        """Send runs of equal-size datagrams to one address with one ``sendmsg`` (UDP GSO);
-        turned off for good when the kernel refuses it."""
         self.family = sock.family
         self.local_address: Address = sock.getsockname()[:2]
         self.acceptor = acceptor
@@ -180,6 +246,7 @@ class UdpMux:
         self.retry = retry
         self.on_other_datagram: Callable[[bytes, Address], None] | None = None
         self.stats: dict[str, int] = dict.fromkeys(STAT_NAMES, 0)
+        self.sender = DatagramSender(sock, self.stats)
         self._routes: dict[bytes, MuxClient] = {}
         self._clients: dict[MuxClient, set[bytes]] = {}
         self._retry_tokens = QuicRetryTokenHandler()
@@ -257,62 +324,13 @@ class UdpMux:
     # ------------------------------------------------------------ I/O
 
     def sendto(self, data: bytes, addr: Address) -> None:
-        if self._closed:
-            return
-        try:
-            self.sock.sendto(data, addr)
-            self.stats["datagrams_sent"] += 1
-        except (BlockingIOError, InterruptedError):
-            self.stats["send_dropped"] += 1  # QUIC's loss recovery resends
-        except OSError as exc:
-            self.stats["send_dropped"] += 1
-            log.debug("sendto %s failed: %s", addr, exc)
+        if not self._closed:
+            self.sender.sendto(data, addr)
 
     def send_datagrams(self, datagrams: list[tuple[bytes, Address]]) -> None:
-        """Send datagrams in order.  With GSO, each run of datagrams to one address whose
-        sizes are equal (the last of a run may be shorter) leaves in one system call; the
-        kernel (or the network card) cuts it into the same datagrams."""
-        if not self.gso or len(datagrams) < 2:
-            for data, addr in datagrams:
-                self.sendto(data, addr)
-            return
-        i, n = 0, len(datagrams)
-        while i < n and not self._closed:
-            data, addr = datagrams[i]
-            size = len(data)
-            limit = min(MAX_GSO_SEGMENTS, MAX_UDP_PAYLOAD // size)
-            j = i + 1
-            while j < n and j - i < limit:
-                d, a = datagrams[j]
-                if a != addr or len(d) > size:
-                    break
-                j += 1
-                if len(d) < size:  # a shorter one can only end the run
-                    break
-            if j - i == 1:
-                self.sendto(data, addr)
-            else:
-                self._send_segments([d for d, _ in datagrams[i:j]], size, addr)
-            i = j
-
-    def _send_segments(self, segments: list[bytes], size: int, addr: Address) -> None:
-        try:
-            self.sock.sendmsg(
-                [b"".join(segments)], [(socket.SOL_UDP, UDP_SEGMENT, _U16.pack(size))], 0, addr
-            )
-            self.stats["datagrams_sent"] += len(segments)
-            self.stats["gso_sends"] += 1
-        except (BlockingIOError, InterruptedError):
-            self.stats["send_dropped"] += len(segments)
-        except OSError as exc:
-            if exc.errno in _GSO_OFF_ERRNOS:
-                log.debug("UDP GSO refused (%s): sending datagrams one by one", exc)
-                self.gso = False
-                for data in segments:
-                    self.sendto(data, addr)
-            else:
-                self.stats["send_dropped"] += len(segments)
-                log.debug("sendmsg %s failed: %s", addr, exc)
+        """Send datagrams in order (see :meth:`DatagramSender.send`)."""
+        if not self._closed:
+            self.sender.send(datagrams)
 
     def _on_readable(self) -> None:
         touched: dict[MuxClient, None] = {}
