@@ -18,11 +18,17 @@ The bare baseline is aioquic's sans-IO ``QuicConnection`` driven directly: one U
 read in batches (``add_reader`` + ``recvfrom_into``, up to 64 datagrams per callback), one
 ``datagrams_to_send`` + ``sendto`` per datagram after each batch, one ``call_at`` timer per
 connection; messages are length-prefixed (4 bytes) on the client's first bidirectional
-stream, with the same write back-pressure crust applies (pause above 1 MiB of
+stream, with the send back-pressure crust used before tuning (pause above 1 MiB of
 unacknowledged stream data, resume below 256 KiB).  Its server certificate is verified
 by the client (a pinned self-signed certificate), so both sides' handshakes authenticate
 the server; crust's also authenticate the client (Noise XX inside the stream) and use
-stateless Retry.  No crust code runs in the baseline.
+stateless Retry.  No crust code runs in it.
+
+Bulk transfers also run a third driver, "tuned": the same bare driver with crust's socket
+and send tuning (4 MiB socket buffers and GSO through crust's ``DatagramSender``, every
+packet aioquic's pacing already allows built in one transmit, crust's send window).  crust
+against it shows what crust's own layers (Noise, framing, events) cost on an identical
+driver; its rows have no target.
 
 Every phase is bounded in count and in time; the worker processes are always stopped.
 """
