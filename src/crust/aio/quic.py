@@ -56,6 +56,8 @@ has data to read (measured: 1 MiB / 256 KiB left both sides idle in turn)."""
 PAUSED_BUFFER_LIMIT = 1024 * 1024
 """While reading is paused, stream data is buffered up to this much; beyond it the link's
 datagrams are dropped unread, so the peer's QUIC stack backs off and resends later."""
+TRANSMIT_EARLY = 256 * 1024
+"""Once this much stream data is written since the last transmit, transmit at once."""
 PACING_ROUNDS = 32
 """At most this many ``datagrams_to_send`` calls per transmit while aioquic's pacing time
 has already passed (see :meth:`QuicLink._transmit`)."""
@@ -200,6 +202,8 @@ class QuicLink:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._transmit_scheduled = False
+        self._untransmitted = 0
+        """Stream bytes written since the last transmit."""
         self._linger: asyncio.TimerHandle | None = None
         self._deadline: asyncio.TimerHandle | None = self._loop.call_later(
             settings.handshake_timeout, self._handshake_expired
@@ -296,12 +300,19 @@ class QuicLink:
     def writelines(self, data: list[bytes | bytearray], /) -> None:
         if self._closing or self._stream_id is None:
             return
-        self.quic.send_stream_data(self._stream_id, b"".join(data))
+        chunk = b"".join(data)
+        self.quic.send_stream_data(self._stream_id, chunk)
         if not self._write_paused and self._unacked() > WRITE_HIGH_WATER:
             self._write_paused = True
             if self.conn is not None:
                 self.conn.pause_writing()
-        self._transmit_soon()
+        self._untransmitted += len(chunk)
+        if self._untransmitted >= TRANSMIT_EARLY:
+            # the Session may hand over up to the whole window in one flush: let the first
+            # packets leave now rather than after all of it is written
+            self._transmit()
+        else:
+            self._transmit_soon()
 
     def close(self) -> None:
         """FIN our stream (after what is written); the QUIC connection closes once the peer
@@ -483,6 +494,7 @@ class QuicLink:
 
     def _transmit(self) -> None:
         self._transmit_scheduled = False
+        self._untransmitted = 0
         if self._terminated:
             return
         quic = self.quic
