@@ -25,10 +25,10 @@ the server; crust's also authenticate the client (Noise XX inside the stream) an
 stateless Retry.  No crust code runs in it.
 
 Bulk transfers also run a third driver, "tuned": the same bare driver with crust's socket
-and send tuning (4 MiB socket buffers and GSO through crust's ``DatagramSender``, every
-packet aioquic's pacing already allows built in one transmit, crust's send window).  crust
-against it shows what crust's own layers (Noise, framing, events) cost on an identical
-driver; its rows have no target.
+and send tuning (4 MiB socket buffers, GSO and GRO through crust's ``DatagramSender`` and
+``DatagramReceiver``, every packet aioquic's pacing already allows built in one transmit,
+crust's send window).  crust against it shows what crust's own layers (Noise, framing,
+events) cost on an identical driver; its rows have no target.
 
 Every phase is bounded in count and in time; the worker processes are always stopped.
 """
@@ -83,7 +83,13 @@ from benchmarks.common import (
     summary_ms,
 )
 from crust.aio import quic as crust_quic
-from crust.aio.udp_mux import SOCKET_BUFFER, STAT_NAMES, DatagramSender, enlarge_buffers
+from crust.aio.udp_mux import (
+    SOCKET_BUFFER,
+    STAT_NAMES,
+    DatagramReceiver,
+    DatagramSender,
+    enlarge_buffers,
+)
 from crust.config import MAX_QUIC_DATAGRAM
 
 SIZES = (SMALL, 64 * KiB, MiB)
@@ -369,9 +375,12 @@ class BareEndpoint:
         self.sock.bind((host, 0))
         self.sock.setblocking(False)
         self._sender: DatagramSender | None = None
-        if tuned:  # crust's socket setup: large buffers, GSO
+        self._receiver: DatagramReceiver | None = None
+        if tuned:  # crust's socket setup: large buffers, GSO, GRO
             enlarge_buffers(self.sock, SOCKET_BUFFER)
-            self._sender = DatagramSender(self.sock, dict.fromkeys(STAT_NAMES, 0))
+            stats = dict.fromkeys(STAT_NAMES, 0)
+            self._sender = DatagramSender(self.sock, stats)
+            self._receiver = DatagramReceiver(self.sock, stats)
         self.address: tuple[str, int] = self.sock.getsockname()[:2]
         self.links: dict[tuple[str, int], BareLink] = {}
         self._server_config = server_config
@@ -423,10 +432,10 @@ class BareEndpoint:
             self._on_accept(link)
         return link
 
-    def _on_readable(self) -> None:
-        touched: dict[BareLink, None] = {}
-        now = self._loop.time()
-        links = self.links
+    def _datagrams(self) -> list[tuple[bytes, tuple[str, int]]]:
+        if self._receiver is not None:
+            return self._receiver.receive(RECV_BATCH)
+        out: list[tuple[bytes, tuple[str, int]]] = []
         for _ in range(RECV_BATCH):
             try:
                 n, addr = self.sock.recvfrom_into(self._buf)
@@ -434,7 +443,14 @@ class BareEndpoint:
                 break
             except OSError:
                 continue
-            data = self._view[:n].tobytes()
+            out.append((self._view[:n].tobytes(), addr))
+        return out
+
+    def _on_readable(self) -> None:
+        touched: dict[BareLink, None] = {}
+        now = self._loop.time()
+        links = self.links
+        for data, addr in self._datagrams():
             link = links.get(addr)
             if link is None:
                 link = self._accept(data, addr)

@@ -1,7 +1,8 @@
 """One UDP socket shared by every QUIC connection of a listener (and its outbound dials).
 
 The mux reads datagrams in batches (``loop.add_reader`` + ``recvfrom_into`` into one
-preallocated buffer) and routes each one by its QUIC destination connection id:
+preallocated buffer, or on Linux ``recvmsg_into`` with UDP GRO, several datagrams per call)
+and routes each one by its QUIC destination connection id:
 
 * long header  -> DCID length byte + DCID;
 * short header -> the fixed-length DCID we chose for ourselves (:data:`CID_LENGTH`);
@@ -59,8 +60,13 @@ MAX_GSO_SEGMENTS = 64
 MAX_UDP_PAYLOAD = 65_507
 """The segments of one GSO send share one UDP length field (IPv4 bound, IPv6 allows 20
 bytes more)."""
+UDP_GRO = getattr(socket, "UDP_GRO", 104)
+"""Linux SOL_UDP option: the kernel may hand several datagrams of one sender, all of one
+size but the last, to one receive call, with their size in a control message (GRO)."""
 _GSO_OFF_ERRNOS = frozenset({errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP})
 _U16 = struct.Struct("=H")
+_INT = struct.Struct("=i")
+_GRO_CMSG_SPACE = socket.CMSG_SPACE(_INT.size) if hasattr(socket, "CMSG_SPACE") else 0
 
 STAT_NAMES = (
     "datagrams_received",
@@ -148,6 +154,55 @@ def enlarge_buffers(sock: socket.socket, size: int) -> tuple[int, int]:
 def is_quic(first_byte: int) -> bool:
     """QUIC packets (other than version negotiation) have the fixed bit set."""
     return bool(first_byte & 0x40) or bool(first_byte & 0x80)
+
+
+class DatagramReceiver:
+    """Reads datagrams from one non-blocking UDP socket in batches, into one preallocated
+    buffer.  With UDP GRO (Linux) one system call may bring many datagrams of one sender,
+    which are cut apart again here; elsewhere (or if the kernel refuses the option) it is
+    one ``recvfrom_into`` per datagram.  Counts ``datagrams_received`` into ``stats``."""
+
+    def __init__(self, sock: socket.socket, stats: dict[str, int]) -> None:
+        self.sock = sock
+        self.stats = stats
+        self._buf = bytearray(RECV_BUFFER)
+        self._view = memoryview(self._buf)
+        self.gro = False
+        if sys.platform == "linux" and _GRO_CMSG_SPACE and hasattr(sock, "recvmsg_into"):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_UDP, UDP_GRO, 1)
+                self.gro = True
+
+    def receive(self, limit: int) -> list[tuple[bytes, Address]]:
+        """Up to about ``limit`` datagrams that are waiting (``limit`` system calls at most,
+        never blocks)."""
+        out: list[tuple[bytes, Address]] = []
+        sock, view = self.sock, self._view
+        for _ in range(limit):
+            segment = 0
+            try:
+                if self.gro:
+                    n, ancillary, _flags, raw = sock.recvmsg_into([self._buf], _GRO_CMSG_SPACE)
+                    for level, kind, data in ancillary:
+                        if level == socket.SOL_UDP and kind == UDP_GRO and len(data) >= 4:
+                            segment = _INT.unpack_from(data)[0]
+                else:
+                    n, raw = sock.recvfrom_into(self._buf)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:  # e.g. ICMP port unreachable reported on the socket
+                log.debug("recvfrom: %s", exc)
+                continue
+            addr = (str(raw[0]), int(raw[1]))
+            if 0 < segment < n:
+                for start in range(0, n, segment):
+                    out.append((view[start : min(start + segment, n)].tobytes(), addr))
+            else:
+                out.append((view[:n].tobytes(), addr))
+            if len(out) >= limit:
+                break
+        self.stats["datagrams_received"] += len(out)
+        return out
 
 
 class DatagramSender:
@@ -250,8 +305,7 @@ class UdpMux:
         self._routes: dict[bytes, MuxClient] = {}
         self._clients: dict[MuxClient, set[bytes]] = {}
         self._retry_tokens = QuicRetryTokenHandler()
-        self._buf = bytearray(RECV_BUFFER)
-        self._view = memoryview(self._buf)
+        self.receiver = DatagramReceiver(sock, self.stats)
         self._loop = asyncio.get_running_loop()
         self._closed = False
         self._loop.add_reader(sock.fileno(), self._on_readable)
@@ -335,17 +389,9 @@ class UdpMux:
     def _on_readable(self) -> None:
         touched: dict[MuxClient, None] = {}
         now = self._loop.time()
-        for _ in range(MAX_BATCH):
+        for data, addr in self.receiver.receive(MAX_BATCH):
             try:
-                n, addr = self.sock.recvfrom_into(self._buf)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as exc:  # e.g. ICMP port unreachable reported on the socket
-                log.debug("recvfrom: %s", exc)
-                continue
-            self.stats["datagrams_received"] += 1
-            try:
-                client = self._route(self._view[:n], (str(addr[0]), int(addr[1])), now)
+                client = self._route(data, addr, now)
             except Exception:  # never let a datagram break the reader
                 self.stats["dropped_garbage"] += 1
                 log.exception("datagram from %s could not be routed", addr)
@@ -361,7 +407,7 @@ class UdpMux:
                 log.exception("QUIC connection failed to process input")
                 client.abort()
 
-    def _route(self, view: memoryview, addr: Address, now: float) -> MuxClient | None:
+    def _route(self, view: bytes | memoryview, addr: Address, now: float) -> MuxClient | None:
         """Hand one datagram to its connection; returns the connection fed (if any)."""
         if not view:
             self.stats["dropped_garbage"] += 1
