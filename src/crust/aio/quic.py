@@ -25,7 +25,7 @@ import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from aioquic.quic import events as qe
 from aioquic.quic.configuration import QuicConfiguration
@@ -300,13 +300,18 @@ class QuicLink:
     def writelines(self, data: list[bytes | bytearray], /) -> None:
         if self._closing or self._stream_id is None:
             return
-        chunk = b"".join(data)
-        self.quic.send_stream_data(self._stream_id, chunk)
+        # one call per record: aioquic copies each into its stream buffer at once (so a
+        # bytearray is as good as bytes), joining them first would copy everything twice
+        send, stream_id = self.quic.send_stream_data, self._stream_id
+        written = 0
+        for record in data:
+            send(stream_id, cast(bytes, record))
+            written += len(record)
         if not self._write_paused and self._unacked() > WRITE_HIGH_WATER:
             self._write_paused = True
             if self.conn is not None:
                 self.conn.pause_writing()
-        self._untransmitted += len(chunk)
+        self._untransmitted += written
         if self._untransmitted >= TRANSMIT_EARLY:
             # the Session may hand over up to the whole window in one flush: let the first
             # packets leave now rather than after all of it is written
