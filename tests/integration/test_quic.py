@@ -12,11 +12,18 @@ from typing import Any
 
 import pytest
 from aioquic._buffer import Buffer
+from aioquic.quic import events as qe
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.packet import QuicPacketType, pull_quic_header
 
-from crust.aio.quic import QuicLink, alpn_for, datagram_size_for, self_signed_certificate
+from crust.aio.quic import (
+    QuicLink,
+    QuicSettings,
+    alpn_for,
+    datagram_size_for,
+    self_signed_certificate,
+)
 from crust.aio.udp_mux import CID_LENGTH, UdpMux
 from crust.events import MessageReceived, PeerConnected, PeerLost
 from crust.service import Service
@@ -317,3 +324,80 @@ def test_aioquic_pacing_time_we_read_still_means_what_we_assume() -> None:
     assert timer is not None and timer <= pacing_at
     assert client.datagrams_to_send(now=now) == []  # still held back at the same time
     assert client.datagrams_to_send(now=pacing_at)  # released once that time has come
+
+
+class _RecordingMux:
+    """Just enough of a UdpMux for one QuicLink: records each transmit's datagrams."""
+
+    local_address = ("127.0.0.1", 5555)
+
+    def __init__(self) -> None:
+        self.transmits: list[list[bytes]] = []
+        self.sent = asyncio.Event()
+
+    def add_client(self, link: object) -> None:
+        pass
+
+    def register(self, cid: bytes, link: object) -> None:
+        pass
+
+    def unregister(self, cid: bytes, link: object) -> None:
+        pass
+
+    def remove_client(self, link: object) -> None:
+        pass
+
+    def send_datagrams(self, datagrams: list[tuple[bytes, Any]]) -> None:
+        self.transmits.append([d for d, _ in datagrams])
+        self.sent.set()
+
+
+async def test_dialler_first_stream_bytes_leave_with_its_handshake_finished() -> None:
+    """When the dialler's QUIC handshake completes, its Finished waits one loop iteration
+    so that what the dialling task writes at once (crust's first Noise message) shares the
+    datagram: one flight less per connection."""
+    settings = QuicSettings.self_signed("crust", idle_timeout=30.0, handshake_timeout=5.0)
+    mux = _RecordingMux()
+    link = QuicLink.dial(mux, SERVER, settings)  # type: ignore[arg-type]
+    cert, key = self_signed_certificate()
+    server_config = QuicConfiguration(is_client=False, alpn_protocols=[settings.alpn])
+    server_config.certificate, server_config.private_key = cert, key
+    first = mux.transmits[0][0]
+    header = pull_quic_header(Buffer(data=first), host_cid_length=CID_LENGTH)
+    server = QuicConnection(
+        configuration=server_config, original_destination_connection_id=header.destination_cid
+    )
+    loop = asyncio.get_running_loop()
+    try:
+        for data in mux.transmits.pop(0):
+            server.receive_datagram(data, CLIENT, loop.time())
+        for _ in range(10):  # server flight(s) until the dialler's handshake completes
+            for data, _ in server.datagrams_to_send(now=loop.time()):
+                link.datagram_received(data, SERVER, loop.time())
+            mux.sent.clear()
+            link.after_batch()
+            if link.ready.done():
+                break
+            for datagrams in mux.transmits:
+                for data in datagrams:
+                    server.receive_datagram(data, CLIENT, loop.time())
+            mux.transmits.clear()
+        assert link.ready.done() and link.ready.exception() is None
+        assert mux.transmits == []  # the Finished is held back for one loop iteration ...
+        link.writelines([b"noise msg1"])  # ... what the resumed dialling task writes
+        async with asyncio.timeout(5):
+            await mux.sent.wait()
+        assert len(mux.transmits) == 1
+        for data in mux.transmits[0]:
+            server.receive_datagram(data, CLIENT, loop.time())
+        events = []
+        while (ev := server.next_event()) is not None:
+            events.append(ev)
+        kinds = [type(e).__name__ for e in events]
+        assert "HandshakeCompleted" in kinds  # the Finished arrived ...
+        assert any(  # ... in the same transmit as the stream data
+            isinstance(e, qe.StreamDataReceived) and e.data == b"noise msg1" for e in events
+        )
+    finally:
+        link.abort()
+        link.detach()

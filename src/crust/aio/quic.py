@@ -204,6 +204,7 @@ class QuicLink:
         self._transmit_scheduled = False
         self._untransmitted = 0
         """Stream bytes written since the last transmit."""
+        self._coalesce_next = False
         self._linger: asyncio.TimerHandle | None = None
         self._deadline: asyncio.TimerHandle | None = self._loop.call_later(
             settings.handshake_timeout, self._handshake_expired
@@ -284,7 +285,14 @@ class QuicLink:
             self.on_ready = self.on_failed = None
             self.quic.close(error_code=QuicErrorCode.CONNECTION_REFUSED, reason_phrase=self.refusal)
         self._process()
-        self._transmit()
+        if self._coalesce_next:
+            # the dialler's handshake just completed: its Finished waits one loop iteration
+            # so that the Session's first handshake message (written when the dialling
+            # task resumes) leaves in the same datagram
+            self._coalesce_next = False
+            self._transmit_soon()
+        else:
+            self._transmit()
 
     def detach(self) -> None:
         """The mux is gone: stop every timer."""
@@ -410,6 +418,7 @@ class QuicLink:
             self._deadline = None
         if not self.ready.done():
             self.ready.set_result(None)
+            self._coalesce_next = self.is_client
         if self.on_ready is not None:
             self.on_ready(self)
 
