@@ -29,39 +29,41 @@ a worker also exits by itself when the process that started it is gone.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import dataclasses
 import functools
-import json
-import multiprocessing
 import os
-import platform
-import signal
 import socket
-import statistics
 import struct
-import subprocess
 import sys
-import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection as Pipe
-from multiprocessing.process import BaseProcess
 from typing import Any, cast
 
-import crust
-from crust.aio.eventqueue import EventStream
-from crust.contact import Contact
-from crust.events import MessageReceived, PeerLost
+from benchmarks import common
+from benchmarks.common import (
+    SMALL,
+    T0,
+    Handler,
+    KiB,
+    MiB,
+    WorkerPair,
+    bulk_once,
+    clock,
+    environment,
+    figure,
+    host_port,
+    median,
+    probe,
+    run_step,
+    size_name,
+    summary_ms,
+)
 
-KiB = 1024
-MiB = 1024 * 1024
 SIZES = (64, KiB, 64 * KiB, MiB)
-SMALL = 64
-"""Size of the small messages (messages/s and the latency probes)."""
 
 BULK_TARGET_RATIO = 0.40
 SMALL_MSGS_TARGET = 200_000.0
@@ -74,9 +76,6 @@ INLINE_FRAME = 16 * KiB
 """Plain baseline: messages up to this size are written as one ``prefix + payload``."""
 
 _LEN = struct.Struct(">I")
-_T0 = struct.Struct(">d")
-_clock = time.monotonic
-"""CLOCK_MONOTONIC on Linux: one system-wide clock, comparable across processes."""
 
 
 @dataclass(frozen=True)
@@ -236,11 +235,6 @@ class PlainStream(asyncio.BufferedProtocol):
         self._end = end
 
 
-def _host_port(addr: str) -> tuple[str, int]:
-    host, _, port = addr.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
 async def _plain_server(
     on_message: Callable[[PlainStream, bytes | bytearray], None],
 ) -> tuple[asyncio.Server, list[PlainStream], str]:
@@ -270,7 +264,7 @@ async def _close_server(server: asyncio.Server, streams: list[PlainStream]) -> N
 
 
 async def _plain_connect(addr: str, stream: PlainStream) -> asyncio.Transport:
-    host, port = _host_port(addr)
+    host, port = host_port(addr)
     tr, _ = await asyncio.get_running_loop().create_connection(lambda: stream, host, port)
     return tr
 
@@ -283,72 +277,6 @@ async def _plain_close(tr: asyncio.Transport, stream: PlainStream) -> None:
 # =============================================================================== worker side
 
 
-def _crust_config(listen: bool) -> crust.Config:
-    """``Config.for_testing`` with one TCP listener on 127.0.0.1 (receiver) or none."""
-    return crust.Config.for_testing(listen=("tcp://127.0.0.1:0",) if listen else ())
-
-
-def _tcp_contact(svc: crust.Service) -> str:
-    return next(c for c in svc.contacts() if c.startswith("tcp://"))
-
-
-def _probe(t0: float) -> bytes:
-    """A SMALL-byte latency probe carrying its send time."""
-    return _T0.pack(t0) + bytes(SMALL - _T0.size)
-
-
-async def _next_message(events: EventStream) -> MessageReceived:
-    async for ev in events:
-        if isinstance(ev, MessageReceived):
-            return ev
-    raise ConnectionError("service closed")
-
-
-async def _crust_bulk_recv(cmd: dict[str, Any], pipe: Pipe) -> dict[str, Any]:
-    count: int = cmd["count"]
-    got = nbytes = 0
-    t_first = t_last = 0.0
-    async with crust.Service(_crust_config(True)) as svc:
-        pipe.send({"addr": _tcp_contact(svc)})
-        cpu0 = time.process_time()
-        async for ev in svc.events():
-            if isinstance(ev, MessageReceived):
-                if not got:
-                    t_first = _clock()
-                got += 1
-                nbytes += len(ev.data)
-                if got >= count:
-                    t_last = _clock()
-                    cpu1 = time.process_time()
-                    await svc.send(ev.peer, b"done", 0)
-                    break
-    return {
-        "t_first": t_first,
-        "t_last": t_last,
-        "messages": got,
-        "bytes": nbytes,
-        "cpu_s": cpu1 - cpu0,
-    }
-
-
-async def _crust_bulk_send(cmd: dict[str, Any], pipe: Pipe) -> dict[str, Any]:
-    count: int = cmd["count"]
-    payload = os.urandom(cmd["size"])
-    async with crust.Service(_crust_config(False)) as svc:
-        events = svc.events()
-        peer = await svc.connect(cmd["addr"])
-        send = svc.send
-        cpu0 = time.process_time()
-        t_start = _clock()
-        for _ in range(count):
-            await send(peer, payload, 0)
-        t_sent = _clock()
-        await _next_message(events)
-        t_ack = _clock()
-        cpu1 = time.process_time()
-    return {"t_start": t_start, "t_sent": t_sent, "t_ack": t_ack, "cpu_s": cpu1 - cpu0}
-
-
 async def _plain_bulk_recv(cmd: dict[str, Any], pipe: Pipe) -> dict[str, Any]:
     count: int = cmd["count"]
     got = nbytes = 0
@@ -358,11 +286,11 @@ async def _plain_bulk_recv(cmd: dict[str, Any], pipe: Pipe) -> dict[str, Any]:
     def on_message(stream: PlainStream, data: bytes | bytearray) -> None:
         nonlocal got, nbytes, t_first, t_last
         if not got:
-            t_first = _clock()
+            t_first = clock()
         got += 1
         nbytes += len(data)
         if got == count:
-            t_last = _clock()
+            t_last = clock()
             cpu[1] = time.process_time()
             stream.send(b"done")
             done.set_result(None)
@@ -398,42 +326,18 @@ async def _plain_bulk_send(cmd: dict[str, Any], pipe: Pipe) -> dict[str, Any]:
     try:
         send = stream.send
         cpu0 = time.process_time()
-        t_start = _clock()
+        t_start = clock()
         for _ in range(count):
             if stream.paused:
                 await stream.drain()
             send(payload)
-        t_sent = _clock()
+        t_sent = clock()
         await ack
-        t_ack = _clock()
+        t_ack = clock()
         cpu1 = time.process_time()
     finally:
         await _plain_close(tr, stream)
     return {"t_start": t_start, "t_sent": t_sent, "t_ack": t_ack, "cpu_s": cpu1 - cpu0}
-
-
-async def _crust_echo(cmd: dict[str, Any], pipe: Pipe) -> dict[str, Any]:
-    """Echo every message back; record each probe's one-way time (send -> received here)."""
-    count: int = cmd["count"]
-    one_way: list[float] = []
-    async with crust.Service(_crust_config(True)) as svc:
-        pipe.send({"addr": _tcp_contact(svc)})
-        cpu0 = time.process_time()
-        async for ev in svc.events():
-            if isinstance(ev, MessageReceived):
-                one_way.append(_clock() - _T0.unpack_from(ev.data)[0])
-                await svc.send(ev.peer, ev.data, 0)
-                if len(one_way) >= count:
-                    break
-        cpu1 = time.process_time()
-        # let the last dialler finish its clean close before ours begins
-        if svc.peers():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(3.0):
-                    async for ev in svc.events():
-                        if isinstance(ev, PeerLost) and not svc.peers():
-                            break
-    return {"one_way": one_way, "cpu_s": cpu1 - cpu0}
 
 
 async def _plain_echo(cmd: dict[str, Any], pipe: Pipe) -> dict[str, Any]:
@@ -442,7 +346,7 @@ async def _plain_echo(cmd: dict[str, Any], pipe: Pipe) -> dict[str, Any]:
     done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def on_message(stream: PlainStream, data: bytes | bytearray) -> None:
-        one_way.append(_clock() - _T0.unpack_from(data)[0])
+        one_way.append(clock() - T0.unpack_from(data)[0])
         stream.send(bytes(data))
         if len(one_way) == count:
             cpu[1] = time.process_time()
@@ -457,45 +361,6 @@ async def _plain_echo(cmd: dict[str, Any], pipe: Pipe) -> dict[str, Any]:
     finally:
         await _close_server(server, streams)
     return {"one_way": one_way, "cpu_s": cpu[1] - cpu[0]}
-
-
-def _ordered_identity(target: crust.PeerId, lesser: bool) -> crust.Identity:
-    """An identity whose peer id is below (or above) ``target``'s.
-
-    The greater peer id of a pair decides which connection is kept (SELECT), so the order
-    changes which side waits for which control frame during ``connect()``.
-    """
-    while True:
-        ident = crust.Identity.generate()
-        if (ident.peer_id < target) == lesser:
-            return ident
-
-
-async def _crust_connect_seq(cmd: dict[str, Any], pipe: Pipe) -> dict[str, Any]:
-    addr: str = cmd["addr"]
-    target = Contact.parse(addr).peer_id
-    assert target is not None
-    ident = _ordered_identity(target, cmd["order"] == "lesser")
-    connect: list[float] = []
-    round_trip: list[float] = []
-    cycle: list[float] = []
-    async with crust.Service(_crust_config(False), identity=ident) as svc:
-        events = svc.events()
-        cpu0 = time.process_time()
-        for _ in range(cmd["count"]):
-            t0 = _clock()
-            peer = await svc.connect(addr)
-            t1 = _clock()
-            await svc.send(peer, _probe(t0), 0)
-            await _next_message(events)
-            t2 = _clock()
-            await svc.disconnect(peer)
-            t3 = _clock()
-            connect.append(t1 - t0)
-            round_trip.append(t2 - t0)
-            cycle.append(t3 - t0)
-        cpu = time.process_time() - cpu0
-    return {"connect": connect, "round_trip": round_trip, "cycle": cycle, "cpu_s": cpu}
 
 
 async def _plain_connect_seq(cmd: dict[str, Any], pipe: Pipe) -> dict[str, Any]:
@@ -515,45 +380,19 @@ async def _plain_connect_seq(cmd: dict[str, Any], pipe: Pipe) -> dict[str, Any]:
                 fut.set_result(None)
 
         stream = PlainStream(on_message)
-        t0 = _clock()
+        t0 = clock()
         tr = await _plain_connect(addr, stream)
-        t1 = _clock()
-        stream.send(_probe(t0))
+        t1 = clock()
+        stream.send(probe(t0))
         await echoed
-        t2 = _clock()
+        t2 = clock()
         await _plain_close(tr, stream)
-        t3 = _clock()
+        t3 = clock()
         connect.append(t1 - t0)
         round_trip.append(t2 - t0)
         cycle.append(t3 - t0)
     cpu = time.process_time() - cpu0
     return {"connect": connect, "round_trip": round_trip, "cycle": cycle, "cpu_s": cpu}
-
-
-async def _crust_cycles(cmd: dict[str, Any], pipe: Pipe) -> dict[str, Any]:
-    """``concurrency`` clients, each: connect, send a probe, await the echo, disconnect."""
-    addr: str = cmd["addr"]
-    per_client = cmd["count"] // cmd["concurrency"]
-    async with contextlib.AsyncExitStack() as stack:
-        services = [
-            await stack.enter_async_context(crust.Service(_crust_config(False)))
-            for _ in range(cmd["concurrency"])
-        ]
-
-        async def client(svc: crust.Service) -> None:
-            events = svc.events()
-            for _ in range(per_client):
-                peer = await svc.connect(addr)
-                await svc.send(peer, _probe(_clock()), 0)
-                await _next_message(events)
-                await svc.disconnect(peer)
-
-        t_start = _clock()
-        async with asyncio.TaskGroup() as tg:
-            for svc in services:
-                tg.create_task(client(svc))
-        t_end = _clock()
-    return {"seconds": t_end - t_start, "connections": per_client * len(services)}
 
 
 async def _plain_cycles(cmd: dict[str, Any], pipe: Pipe) -> dict[str, Any]:
@@ -573,237 +412,33 @@ async def _plain_cycles(cmd: dict[str, Any], pipe: Pipe) -> dict[str, Any]:
 
             stream = PlainStream(on_message)
             tr = await _plain_connect(addr, stream)
-            stream.send(_probe(_clock()))
+            stream.send(probe(clock()))
             await echoed
             await _plain_close(tr, stream)
 
-    t_start = _clock()
+    t_start = clock()
     async with asyncio.TaskGroup() as tg:
         for _ in range(cmd["concurrency"]):
             tg.create_task(client())
-    t_end = _clock()
+    t_end = clock()
     return {"seconds": t_end - t_start, "connections": per_client * cmd["concurrency"]}
 
 
-_Handler = Callable[[dict[str, Any], Pipe], Awaitable[dict[str, Any]]]
-HANDLERS: dict[str, _Handler] = {
-    "crust_bulk_recv": _crust_bulk_recv,
-    "crust_bulk_send": _crust_bulk_send,
+HANDLERS: dict[str, Handler] = {
+    "crust_bulk_recv": common.crust_bulk_recv,
+    "crust_bulk_send": common.crust_bulk_send,
     "plain_bulk_recv": _plain_bulk_recv,
     "plain_bulk_send": _plain_bulk_send,
-    "crust_echo": _crust_echo,
+    "crust_echo": common.crust_echo,
     "plain_echo": _plain_echo,
-    "crust_connect_seq": _crust_connect_seq,
+    "crust_connect_seq": common.crust_connect_seq,
     "plain_connect_seq": _plain_connect_seq,
-    "crust_cycles": _crust_cycles,
+    "crust_cycles": common.crust_cycles,
     "plain_cycles": _plain_cycles,
 }
 
 
-async def _dispatch(cmd: dict[str, Any], pipe: Pipe) -> dict[str, Any]:
-    async with asyncio.timeout(cmd["timeout"]):
-        return await HANDLERS[cmd["op"]](cmd, pipe)
-
-
-def _exit_with_parent(parent: int) -> None:
-    """Watchdog thread: end this worker as soon as the process that started it is gone."""
-    while os.getppid() == parent:
-        time.sleep(0.5)
-    os._exit(1)
-
-
-def worker_main(pipe: Pipe, parent: int) -> None:
-    """A benchmark worker process: run commands from ``pipe`` until None or EOF."""
-    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
-    has_alarm = hasattr(signal, "alarm")
-    while True:
-        try:
-            cmd = pipe.recv()
-        except (EOFError, OSError):
-            return
-        if cmd is None:
-            return
-        if has_alarm:  # last resort: the process dies if a command wedges the event loop
-            signal.alarm(int(cmd["timeout"]) + 30)
-        try:
-            result = asyncio.run(_dispatch(cmd, pipe))
-        except Exception as exc:
-            result = {"error": f"{cmd.get('op')}: {type(exc).__name__}: {exc}"}
-        finally:
-            if has_alarm:
-                signal.alarm(0)
-        try:
-            pipe.send(result)
-        except OSError:
-            return
-
-
 # =============================================================================== parent side
-
-
-class Worker:
-    """One spawned worker process and its pipe."""
-
-    def __init__(self, ctx: multiprocessing.context.SpawnContext, name: str) -> None:
-        self.pipe, child = ctx.Pipe()
-        self.proc: BaseProcess = ctx.Process(
-            target=worker_main, args=(child, os.getpid()), name=name, daemon=True
-        )
-        self.proc.start()
-        child.close()
-
-    def send(self, msg: dict[str, Any]) -> None:
-        self.pipe.send(msg)
-
-    def recv(self, timeout: float) -> dict[str, Any]:
-        if not self.pipe.poll(timeout):
-            raise TimeoutError(f"{self.proc.name}: no answer within {timeout:.0f} s")
-        try:
-            msg: dict[str, Any] = self.pipe.recv()
-        except (EOFError, OSError):
-            self.proc.join(1.0)
-            raise RuntimeError(f"{self.proc.name} exited (code {self.proc.exitcode})") from None
-        if "error" in msg:
-            raise RuntimeError(f"{self.proc.name}: {msg['error']}")
-        return msg
-
-    def stop(self) -> None:
-        if self.proc.is_alive():
-            with contextlib.suppress(OSError, ValueError):
-                self.pipe.send(None)
-            self.proc.join(3.0)
-        if self.proc.is_alive():
-            self.proc.terminate()
-            self.proc.join(3.0)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join(3.0)
-        self.pipe.close()
-
-
-class WorkerPair:
-    """A receiver and a sender process; restarted after any failure."""
-
-    def __init__(self) -> None:
-        self._ctx = multiprocessing.get_context("spawn")
-        self._receiver: Worker | None = None
-        self._sender: Worker | None = None
-
-    def _start(self) -> tuple[Worker, Worker]:
-        if self._receiver is None:
-            self._receiver = Worker(self._ctx, "bench-receiver")
-        if self._sender is None:
-            self._sender = Worker(self._ctx, "bench-sender")
-        return self._receiver, self._sender
-
-    def stop(self) -> None:
-        workers, self._receiver, self._sender = (self._receiver, self._sender), None, None
-        for w in workers:
-            if w is not None:
-                w.stop()
-
-    def run(
-        self, recv_cmd: dict[str, Any], send_cmd: dict[str, Any], timeout: float
-    ) -> tuple[dict[str, Any], dict[str, Any]]:
-        receiver, sender = self._start()
-        try:
-            receiver.send({**recv_cmd, "timeout": timeout})
-            ready = receiver.recv(30.0 + timeout)
-            sender.send({**send_cmd, "addr": ready["addr"], "timeout": timeout})
-            sent = sender.recv(timeout + 15.0)
-            received = receiver.recv(timeout + 15.0)
-        except BaseException:
-            self.stop()
-            raise
-        return received, sent
-
-
-def _median(xs: list[float]) -> float:
-    return statistics.median(xs)
-
-
-def _pct(xs: list[float], p: float) -> float:
-    """The p-th percentile (nearest rank) of ``xs``."""
-    s = sorted(xs)
-    k = max(0, min(len(s) - 1, round(p / 100.0 * len(s) + 0.5) - 1))
-    return s[k]
-
-
-def _summary_ms(xs: list[float]) -> dict[str, float]:
-    return {
-        "p50": _pct(xs, 50) * 1e3,
-        "p90": _pct(xs, 90) * 1e3,
-        "p99": _pct(xs, 99) * 1e3,
-        "mean": statistics.fmean(xs) * 1e3,
-        "min": min(xs) * 1e3,
-        "max": max(xs) * 1e3,
-    }
-
-
-def _figure(
-    key: str,
-    name: str,
-    unit: str,
-    crust_value: float | None,
-    baseline: float | None,
-    *,
-    higher_is_better: bool,
-    target: str | None = None,
-    met: bool | None = None,
-    details: dict[str, Any] | None = None,
-    error: str | None = None,
-) -> dict[str, Any]:
-    ratio = (
-        crust_value / baseline
-        if crust_value is not None and baseline is not None and baseline > 0
-        else None
-    )
-    return {
-        "key": key,
-        "figure": name,
-        "unit": unit,
-        "crust": crust_value,
-        "baseline": baseline,
-        "ratio": ratio,
-        "higher_is_better": higher_is_better,
-        "target": target,
-        "met": met,
-        "details": details or {},
-        "error": error,
-    }
-
-
-def _size_name(size: int) -> str:
-    if size >= MiB:
-        return f"{size // MiB} MiB"
-    if size >= KiB:
-        return f"{size // KiB} KiB"
-    return f"{size} B"
-
-
-def _bulk_once(
-    pair: WorkerPair, kind: str, size: int, count: int, timeout: float
-) -> dict[str, Any]:
-    r, s = pair.run(
-        {"op": f"{kind}_bulk_recv", "count": count},
-        {"op": f"{kind}_bulk_send", "size": size, "count": count},
-        timeout,
-    )
-    if r["messages"] != count or r["bytes"] != size * count:
-        raise RuntimeError(f"{kind}: received {r['messages']} messages, {r['bytes']} bytes")
-    seconds = r["t_last"] - s["t_start"]
-    return {
-        "seconds": seconds,
-        "mb_per_s": size * count / seconds / 1e6,
-        "msgs_per_s": count / seconds,
-        "receiver_first_to_last_s": r["t_last"] - r["t_first"],
-        "sender_enqueue_s": s["t_sent"] - s["t_start"],
-        "sender_until_ack_s": s["t_ack"] - s["t_start"],
-        "receiver_cpu_s": r["cpu_s"],
-        "sender_cpu_s": s["cpu_s"],
-        "receiver_cpu_ns_per_byte": r["cpu_s"] * 1e9 / (size * count),
-        "sender_cpu_ns_per_byte": s["cpu_s"] * 1e9 / (size * count),
-    }
 
 
 def _bulk(
@@ -813,16 +448,16 @@ def _bulk(
     runs: dict[str, list[dict[str, Any]]] = {"crust": [], "plain": []}
     for rep in range(plan.repeats):
         for kind in ("crust", "plain"):
-            progress(f"bulk {_size_name(size)} x {count}: {kind} run {rep + 1}/{plan.repeats}")
-            runs[kind].append(_bulk_once(pair, kind, size, count, plan.timeout))
+            progress(f"bulk {size_name(size)} x {count}: {kind} run {rep + 1}/{plan.repeats}")
+            runs[kind].append(bulk_once(pair, kind, size, count, plan.timeout))
             progress(f"    {runs[kind][-1]['mb_per_s']:.1f} MB/s")
-    mbs = {k: _median([r["mb_per_s"] for r in v]) for k, v in runs.items()}
+    mbs = {k: median([r["mb_per_s"] for r in v]) for k, v in runs.items()}
     ratio = mbs["crust"] / mbs["plain"]
     details = {"messages": count, "bytes": count * size, "repeats": plan.repeats, "runs": runs}
     out = [
-        _figure(
+        figure(
             f"bulk_{size}",
-            f"bulk throughput, {_size_name(size)} messages",
+            f"bulk throughput, {size_name(size)} messages",
             "MB/s",
             mbs["crust"],
             mbs["plain"],
@@ -833,9 +468,9 @@ def _bulk(
         )
     ]
     if size == SMALL:
-        msgs = {k: _median([r["msgs_per_s"] for r in v]) for k, v in runs.items()}
+        msgs = {k: median([r["msgs_per_s"] for r in v]) for k, v in runs.items()}
         out.append(
-            _figure(
+            figure(
                 "small_msgs",
                 f"{SMALL} B messages/s, one connection",
                 "msg/s",
@@ -871,9 +506,9 @@ def _latency(pair: WorkerPair, plan: Plan, progress: Callable[[str], None]) -> l
         }
         cpu_ms[label] = {"dialler": s["cpu_s"] * 1e3 / n, "listener": r["cpu_s"] * 1e3 / n}
     c, g, p = res["crust lesser"], res["crust greater"], res["plain"]
-    sc = {k: _summary_ms(v) for k, v in c.items()}
-    sg = {k: _summary_ms(v) for k, v in g.items()}
-    sp = {k: _summary_ms(v) for k, v in p.items()}
+    sc = {k: summary_ms(v) for k, v in c.items()}
+    sg = {k: summary_ms(v) for k, v in g.items()}
+    sp = {k: summary_ms(v) for k, v in p.items()}
     details = {
         "connections": plan.latency_count,
         "warmup": w,
@@ -888,7 +523,7 @@ def _latency(pair: WorkerPair, plan: Plan, progress: Callable[[str], None]) -> l
     seq_p = len(p["cycle"]) / sum(p["cycle"])
     target = f"<= {HANDSHAKE_P50_TARGET_MS:g} ms"
     return [
-        _figure(
+        figure(
             "connect_first_msg_p50",
             "connect + handshake + first message received, p50",
             "ms",
@@ -899,7 +534,7 @@ def _latency(pair: WorkerPair, plan: Plan, progress: Callable[[str], None]) -> l
             met=p50 <= HANDSHAKE_P50_TARGET_MS,
             details=details,
         ),
-        _figure(
+        figure(
             "connect_first_msg_p99",
             "connect + handshake + first message received, p99",
             "ms",
@@ -907,7 +542,7 @@ def _latency(pair: WorkerPair, plan: Plan, progress: Callable[[str], None]) -> l
             sp["one_way"]["p99"],
             higher_is_better=False,
         ),
-        _figure(
+        figure(
             "connect_first_msg_p50_greater",
             "same, p50, dialler has the greater peer id",
             "ms",
@@ -917,7 +552,7 @@ def _latency(pair: WorkerPair, plan: Plan, progress: Callable[[str], None]) -> l
             target=target,
             met=p50_g <= HANDSHAKE_P50_TARGET_MS,
         ),
-        _figure(
+        figure(
             "connect_round_trip_p50",
             "connect + first message round trip (dialler's clock), p50",
             "ms",
@@ -925,7 +560,7 @@ def _latency(pair: WorkerPair, plan: Plan, progress: Callable[[str], None]) -> l
             sp["round_trip"]["p50"],
             higher_is_better=False,
         ),
-        _figure(
+        figure(
             "connect_round_trip_p99",
             "connect + first message round trip (dialler's clock), p99",
             "ms",
@@ -933,7 +568,7 @@ def _latency(pair: WorkerPair, plan: Plan, progress: Callable[[str], None]) -> l
             sp["round_trip"]["p99"],
             higher_is_better=False,
         ),
-        _figure(
+        figure(
             "connections_seq",
             "new connections/s, sequential (connect, message, echo, close)",
             "conn/s",
@@ -954,7 +589,7 @@ def _cycles(pair: WorkerPair, plan: Plan, progress: Callable[[str], None]) -> di
             plan.timeout,
         )
         rates[kind] = s["connections"] / s["seconds"]
-    return _figure(
+    return figure(
         "connections_concurrent",
         f"new connections/s, {plan.concurrency} concurrent clients",
         "conn/s",
@@ -965,90 +600,12 @@ def _cycles(pair: WorkerPair, plan: Plan, progress: Callable[[str], None]) -> di
     )
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.lower().startswith(("model name", "hardware", "cpu model")):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
-def _cpu_flags() -> list[str]:
-    wanted = ("aes", "vaes", "pclmulqdq", "vpclmulqdq", "avx2", "avx512f", "sha_ni")
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    have = set(line.split(":", 1)[1].split())
-                    return [w for w in wanted if w in have]
-    except OSError:
-        pass
-    return []
-
-
-def _git_state(path: str) -> str | None:
-    """``<commit>`` (``+dirty`` when the package's files differ from it), if ``path`` is in
-    a git work tree."""
-    try:
-        head = subprocess.run(
-            ["git", "-C", path, "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", path, "status", "--porcelain", "--", "."],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return head + ("+dirty" if dirty else "") if head else None
-
-
-def environment() -> dict[str, Any]:
-    """The facts that make two runs comparable."""
-    import cryptography
-
-    openssl = "unknown"
-    with contextlib.suppress(Exception):
-        from cryptography.hazmat.backends.openssl import backend
-
-        openssl = backend.openssl_version_text()
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    return {
-        "python": platform.python_version(),
-        "python_implementation": platform.python_implementation(),
-        "cryptography": cryptography.__version__,
-        "openssl": openssl,
-        "crust": crust.__version__,
-        "cpu": _cpu_model(),
-        "cpu_flags": _cpu_flags(),
-        "cpus": os.cpu_count(),
-        "cpus_usable": affinity,
-        "platform": platform.platform(),
-        "event_loop": "asyncio default (selector)",
-        "crust_path": os.path.dirname(crust.__file__),
-        "crust_git": _git_state(os.path.dirname(crust.__file__)),
-        "load_average_after": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
-
-
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def run(
     quick: bool,
     *,
     progress: Callable[[str], None] | None = None,
     repeats: int | None = None,
+    profile: str | None = None,
 ) -> dict[str, Any]:
     """Run every measurement; return a JSON-serialisable dict (environment, figures).
 
@@ -1065,8 +622,8 @@ def run(
     say = progress or (lambda _msg: None)
     figures: list[dict[str, Any]] = []
     started = time.time()
-    load_before = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    pair = WorkerPair()
+    load_before = common.load_average()
+    pair = WorkerPair("benchmarks.bench_tcp", profile=profile)
     try:
 
         def step(
@@ -1077,29 +634,14 @@ def run(
             unit: str,
             higher_is_better: bool,
         ) -> None:
-            """Run one measurement; a failure becomes a figure carrying the error."""
-            try:
-                figures.extend(measure())
-            except Exception as exc:
-                say(f"{what} failed: {exc}")
-                figures.append(
-                    _figure(
-                        key,
-                        name,
-                        unit,
-                        None,
-                        None,
-                        higher_is_better=higher_is_better,
-                        error=str(exc),
-                    )
-                )
+            run_step(figures, say, measure, what, key, name, unit, higher_is_better)
 
         for size in SIZES:
             step(
                 functools.partial(_bulk, pair, plan, size, say),
-                f"bulk {_size_name(size)}",
+                f"bulk {size_name(size)}",
                 f"bulk_{size}",
-                f"bulk throughput, {_size_name(size)} messages",
+                f"bulk throughput, {size_name(size)} messages",
                 "MB/s",
                 True,
             )
@@ -1143,77 +685,17 @@ def run(
     }
 
 
-# =============================================================================== output
-
-
-def _fmt(value: float | None, unit: str) -> str:
-    if value is None:
-        return "-"
-    if unit == "ms":
-        return f"{value:.3f} ms"
-    if unit == "MB/s":
-        return f"{value:,.1f} MB/s"
-    return f"{value:,.0f} {unit}"
-
-
-def render(results: dict[str, Any]) -> None:
-    """Print ``results`` as a rich table."""
-    from rich.console import Console
-    from rich.table import Table
-
-    env = results["environment"]
-    console = Console() if sys.stdout.isatty() else Console(width=132)
-    table = Table(
-        title=f"crust loopback TCP benchmark ({results['mode']})",
-        caption=(
-            f"Python {env['python']}, cryptography {env['cryptography']} ({env['openssl']}), "
-            f"{env['cpu']} x{env['cpus']}; ratio = crust / baseline (plain asyncio TCP)"
-        ),
-    )
-    for col, justify in (
-        ("figure", "left"),
-        ("crust", "right"),
-        ("baseline", "right"),
-        ("ratio", "right"),
-        ("target", "left"),
-        ("met", "center"),
-    ):
-        table.add_column(col, justify=justify, no_wrap=col != "figure")  # type: ignore[arg-type]
-    for f in results["figures"]:
-        ratio = "-" if f["ratio"] is None else f"{f['ratio']:.2f}x"
-        met = {True: "[green]yes[/]", False: "[red]no[/]", None: ""}[f["met"]]
-        name = f["figure"] if f["error"] is None else f"{f['figure']} [red](error)[/]"
-        table.add_row(
-            name,
-            _fmt(f["crust"], f["unit"]),
-            _fmt(f["baseline"], f["unit"]),
-            ratio,
-            f["target"] or "",
-            met,
-        )
-    console.print(table)
-    for f in results["figures"]:
-        if f["error"]:
-            console.print(f"[red]{f['key']}[/]: {f['error']}")
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    return common.main(
+        argv,
         prog="python -m benchmarks.bench_tcp",
         description="crust vs plain asyncio TCP on loopback (throughput, messages/s, latency)",
+        run=lambda args, say: run(
+            args.quick, progress=say, repeats=args.repeats, profile=args.profile
+        ),
+        title="crust loopback TCP benchmark",
+        baseline="plain asyncio TCP",
     )
-    parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    parser.add_argument("--quick", action="store_true", help="much smaller counts (a smoke run)")
-    parser.add_argument("--repeats", type=int, default=None, help="bulk repeats (median)")
-    args = parser.parse_args(argv)
-    # SIGTERM ends the run like Ctrl-C does: through the finally that stops the workers
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    results = run(args.quick, progress=_stderr, repeats=args.repeats)
-    if args.json:
-        print(json.dumps(results, indent=2))
-    else:
-        render(results)
-    return 1 if any(f["error"] for f in results["figures"]) else 0
 
 
 if __name__ == "__main__":

@@ -32,6 +32,11 @@ def default_identity_path() -> Path:
     return platformdirs.user_data_path("crust") / "identity.pem"
 
 
+MAX_QUIC_DATAGRAM = 16_384
+"""aioquic writes a STREAM frame's length as a 2-byte varint (< 16384), so larger packets
+would carry corrupt frames."""
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything a :class:`crust.Service` can be told. Every field has a safe default."""
@@ -51,6 +56,8 @@ class Config:
     quic_ca_file: Path | None = None
     quic_certificate_file: Path | None = None
     quic_private_key_file: Path | None = None
+    quic_max_datagram_size: int | None = None
+    """Largest UDP payload QUIC sends; None: automatic (see docs/design.md, QUIC)."""
     max_message_size: int = 2 * MiB
     heartbeat_interval: float = 20.0
     heartbeat_timeout: float = 120.0
@@ -164,6 +171,13 @@ def _int_range(lo: int, hi: int) -> Any:
     return check
 
 
+def _or_none(check: Any) -> Any:
+    def or_none(name: str, v: Any) -> Any:
+        return None if v is None else check(name, v)
+
+    return or_none
+
+
 def _seconds(lo: float, hi: float) -> Any:
     def check(name: str, v: Any) -> float:
         if isinstance(v, bool) or not isinstance(v, int | float):
@@ -272,6 +286,7 @@ _CHECKS: dict[str, Any] = {
     "quic_ca_file": _path_or_none,
     "quic_certificate_file": _path_or_none,
     "quic_private_key_file": _path_or_none,
+    "quic_max_datagram_size": _or_none(_int_range(1200, MAX_QUIC_DATAGRAM)),
     "max_message_size": _int_range(1, 1024 * MiB),
     "heartbeat_interval": _seconds(0.01, 86400),
     "heartbeat_timeout": _seconds(0.05, 86400 * 7),

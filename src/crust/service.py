@@ -369,6 +369,7 @@ class Service:
             self._quic(),
             on_ready=self._quic_inbound_ready,
             on_failed=self._quic_inbound_failed,
+            datagram_size=self.config.quic_max_datagram_size,
         )
         if reason is not None:
             # the address is validated (Retry): tell it at once (CONNECTION_REFUSED)
@@ -434,6 +435,10 @@ class Service:
         is also a STUN server on its QUIC port, and our own client transactions), then
         punching and address echo (traversal)."""
         StunDispatcher.for_mux(mux).responder = StunResponder(allow_response_port=False)
+        if self.config.keylog_file is not None:
+            # debugging with Wireshark: a capture on this host sees a GSO send as one
+            # oversized packet, so send datagram by datagram while the key log is on
+            mux.sender.gso = False
         traversal = self._traversal
         if traversal is not None:
             mux.on_other_datagram = lambda data, addr: traversal.on_datagram(mux, data, addr)
@@ -739,6 +744,7 @@ class Service:
             self._quic(),
             pin=contact.peer_id,
             server_name=contact.name,
+            datagram_size=self.config.quic_max_datagram_size,
         )
         try:
             await link.ready

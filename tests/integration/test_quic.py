@@ -4,17 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import socket
 import ssl
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from aioquic._buffer import Buffer
+from aioquic.quic import events as qe
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.packet import QuicPacketType, pull_quic_header
 
-from crust.aio.quic import alpn_for
+from crust.aio.quic import (
+    QuicLink,
+    QuicSettings,
+    alpn_for,
+    datagram_size_for,
+    self_signed_certificate,
+)
 from crust.aio.udp_mux import CID_LENGTH, UdpMux
 from crust.events import MessageReceived, PeerConnected, PeerLost
 from crust.service import Service
@@ -225,7 +234,7 @@ async def test_client_only_socket_without_quic_listener(make: Make) -> None:
 
 
 def test_aioquic_internals_we_rely_on_still_exist() -> None:
-    """crust reads two private aioquic attributes (see crust/aio/quic.py); if an aioquic
+    """crust reads private aioquic attributes (see crust/aio/quic.py); if an aioquic
     upgrade renames them, send backpressure and early close detection would silently stop:
     this test fails loudly instead."""
     config = QuicConfiguration(is_client=True, alpn_protocols=["x"])
@@ -245,3 +254,156 @@ def test_aioquic_internals_we_rely_on_still_exist() -> None:
     assert callable(QuicConnection._initialize)
     assert quic.tls._request_client_certificate is False
     assert quic.tls._peer_certificate is None and quic.tls._peer_certificate_chain == []
+
+
+@pytest.mark.parametrize(("configured", "expected"), [(None, 16_384), (1200, 1200), (1350, 1350)])
+async def test_datagram_size_is_configured_or_chosen_by_path(
+    make: Make, configured: int | None, expected: int
+) -> None:
+    """Loopback gets the largest datagrams aioquic can fill correctly unless configured;
+    data crosses intact either way (stream frames cut at every packet size)."""
+    a, _ = await make(quic_max_datagram_size=configured)
+    b, wb = await make(quic_max_datagram_size=configured)
+    peer = await a.connect(quic_contact(b))
+    assert datagram_size_for("127.0.0.1", configured) == expected
+    assert datagram_size_for("::1", configured) == expected
+    assert datagram_size_for("198.51.100.7", configured) == (configured or 1350)
+    sizes = {
+        link.quic.configuration.max_datagram_size
+        for svc in (a, b)
+        for mux in (*svc._muxes, *svc._client_muxes.values())
+        for link in mux._clients
+        if isinstance(link, QuicLink)
+    }
+    assert sizes == {expected}
+    data = random.Random(7).randbytes(300_000)
+    await a.send(peer, data)
+    assert (await wb.count(MessageReceived, 1))[0].data == data
+
+
+SERVER = ("127.0.0.2", 4433)
+CLIENT = ("127.0.0.3", 5555)
+
+
+def _handshaken_pair() -> tuple[QuicConnection, QuicConnection, float]:
+    """An aioquic client and server, handshake done in memory; returns them and `now`."""
+    cert, key = self_signed_certificate()
+    client = QuicConnection(
+        configuration=QuicConfiguration(
+            is_client=True, alpn_protocols=["x"], verify_mode=ssl.CERT_NONE
+        )
+    )
+    server_config = QuicConfiguration(is_client=False, alpn_protocols=["x"])
+    server_config.certificate, server_config.private_key = cert, key
+    now = 0.0
+    client.connect(SERVER, now=now)
+    first = client.datagrams_to_send(now=now)
+    header = pull_quic_header(Buffer(data=first[0][0]), host_cid_length=8)
+    server = QuicConnection(
+        configuration=server_config,
+        original_destination_connection_id=header.destination_cid,
+    )
+    pending = [(server, d) for d, _ in first]
+    for _ in range(50):
+        if not pending:
+            break
+        now += 0.001
+        for target, data in pending:
+            target.receive_datagram(data, SERVER if target is client else CLIENT, now)
+        pending = [(server, d) for d, _ in client.datagrams_to_send(now=now)]
+        pending += [(client, d) for d, _ in server.datagrams_to_send(now=now)]
+    assert client._handshake_complete and server._handshake_complete
+    return client, server, now
+
+
+def test_aioquic_pacing_time_we_read_still_means_what_we_assume() -> None:
+    """QuicLink._transmit keeps calling datagrams_to_send while the private
+    ``_pacing_at`` has passed: it must be the time pacing allows the next packet."""
+    client, _server, now = _handshaken_pair()
+    stream_id = client.get_next_available_stream_id()
+    client.send_stream_data(stream_id, bytes(200_000))
+    sent = client.datagrams_to_send(now=now)
+    assert sent  # the bucket allowed a few packets, then pacing held the rest back
+    pacing_at = client._pacing_at
+    assert isinstance(pacing_at, float) and pacing_at > now
+    timer = client.get_timer()
+    assert timer is not None and timer <= pacing_at
+    assert client.datagrams_to_send(now=now) == []  # still held back at the same time
+    assert client.datagrams_to_send(now=pacing_at)  # released once that time has come
+
+
+class _RecordingMux:
+    """Just enough of a UdpMux for one QuicLink: records each transmit's datagrams."""
+
+    local_address = ("127.0.0.1", 5555)
+
+    def __init__(self) -> None:
+        self.transmits: list[list[bytes]] = []
+        self.sent = asyncio.Event()
+
+    def add_client(self, link: object) -> None:
+        pass
+
+    def register(self, cid: bytes, link: object) -> None:
+        pass
+
+    def unregister(self, cid: bytes, link: object) -> None:
+        pass
+
+    def remove_client(self, link: object) -> None:
+        pass
+
+    def send_datagrams(self, datagrams: list[tuple[bytes, Any]]) -> None:
+        self.transmits.append([d for d, _ in datagrams])
+        self.sent.set()
+
+
+async def test_dialler_first_stream_bytes_leave_with_its_handshake_finished() -> None:
+    """When the dialler's QUIC handshake completes, its Finished waits one loop iteration
+    so that what the dialling task writes at once (crust's first Noise message) shares the
+    datagram: one flight less per connection."""
+    settings = QuicSettings.self_signed("crust", idle_timeout=30.0, handshake_timeout=5.0)
+    mux = _RecordingMux()
+    link = QuicLink.dial(mux, SERVER, settings)  # type: ignore[arg-type]
+    cert, key = self_signed_certificate()
+    server_config = QuicConfiguration(is_client=False, alpn_protocols=[settings.alpn])
+    server_config.certificate, server_config.private_key = cert, key
+    first = mux.transmits[0][0]
+    header = pull_quic_header(Buffer(data=first), host_cid_length=CID_LENGTH)
+    server = QuicConnection(
+        configuration=server_config, original_destination_connection_id=header.destination_cid
+    )
+    loop = asyncio.get_running_loop()
+    try:
+        for data in mux.transmits.pop(0):
+            server.receive_datagram(data, CLIENT, loop.time())
+        for _ in range(10):  # server flight(s) until the dialler's handshake completes
+            for data, _ in server.datagrams_to_send(now=loop.time()):
+                link.datagram_received(data, SERVER, loop.time())
+            mux.sent.clear()
+            link.after_batch()
+            if link.ready.done():
+                break
+            for datagrams in mux.transmits:
+                for data in datagrams:
+                    server.receive_datagram(data, CLIENT, loop.time())
+            mux.transmits.clear()
+        assert link.ready.done() and link.ready.exception() is None
+        assert mux.transmits == []  # the Finished is held back for one loop iteration ...
+        link.writelines([b"noise msg1"])  # ... what the resumed dialling task writes
+        async with asyncio.timeout(5):
+            await mux.sent.wait()
+        assert len(mux.transmits) == 1
+        for data in mux.transmits[0]:
+            server.receive_datagram(data, CLIENT, loop.time())
+        events = []
+        while (ev := server.next_event()) is not None:
+            events.append(ev)
+        kinds = [type(e).__name__ for e in events]
+        assert "HandshakeCompleted" in kinds  # the Finished arrived ...
+        assert any(  # ... in the same transmit as the stream data
+            isinstance(e, qe.StreamDataReceived) and e.data == b"noise msg1" for e in events
+        )
+    finally:
+        link.abort()
+        link.detach()

@@ -422,7 +422,10 @@ async def test_tcp_session_is_decoded_and_decrypted(
 async def test_quic_session_is_decrypted_with_the_key_log(tmp_path: Path) -> None:
     network = "wireshark-quic"
     keylog = tmp_path / "keys.log"
-    cfg = crust.Config.for_testing(network_name=network, listen=("quic://127.0.0.1:0",))
+    # internet-sized datagrams: the 20 kB record below then spans many QUIC packets
+    cfg = crust.Config.for_testing(
+        network_name=network, listen=("quic://127.0.0.1:0",), quic_max_datagram_size=1350
+    )
     # the dialer writes the key log (see docs/wireshark.md: Retry and the ClientHello random)
     async with Service(cfg) as a, Service(cfg.replace(keylog_file=keylog)) as b:
         contact = a.contacts()[0]

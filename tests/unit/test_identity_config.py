@@ -118,12 +118,20 @@ def test_contact_parse_any_text(text: str) -> None:
         ("blacklist", ["not-a-cidr"]),
         ("whitelist", ["10.0.0.0/33"]),
         ("max_connections", True),
+        ("quic_max_datagram_size", 1199),
+        ("quic_max_datagram_size", 16_385),
+        ("quic_max_datagram_size", "1350"),
     ],
 )
 def test_bad_config_names_the_field(field: str, value: object) -> None:
     with pytest.raises(ConfigError) as info:
         Config.for_testing(**{field: value})
     assert info.value.field == field
+
+
+def test_quic_max_datagram_size_default_is_automatic() -> None:
+    assert Config().quic_max_datagram_size is None
+    assert Config.for_testing(quic_max_datagram_size=1452).quic_max_datagram_size == 1452
 
 
 def test_private_ca_needs_files() -> None:

@@ -14,7 +14,9 @@ written but not yet acknowledged) to emulate ``pause_writing``. In the CA certif
 also ``QuicConnection._initialize`` (wrapped to set ``tls._request_client_certificate``, so
 the server asks for the client's certificate) and ``tls._peer_certificate`` /
 ``tls._peer_certificate_chain`` (the certificate the remote presented); these fail closed:
-a missing attribute refuses the connection. ``tests/integration/test_quic.py`` and
+a missing attribute refuses the connection. ``QuicConnection._pacing_at`` (when pacing
+allows the next packet) lets one transmit build every packet that is already due.
+``tests/integration/test_quic.py`` and
 ``tests/integration/test_quic_certs.py`` fail loudly if aioquic renames any of them.
 """
 
@@ -23,11 +25,12 @@ from __future__ import annotations
 import asyncio
 import datetime
 import hashlib
+import ipaddress
 import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 from aioquic.quic import events as qe
 from aioquic.quic.configuration import QuicConfiguration
@@ -50,7 +53,7 @@ from crust.ca import (
     load_node_credentials,
     system_trust_store,
 )
-from crust.config import Config
+from crust.config import MAX_QUIC_DATAGRAM, Config
 from crust.contact import format_address
 from crust.identity import Identity, PeerId
 from crust.proto.session import State
@@ -59,11 +62,20 @@ log = logging.getLogger("crust.quic")
 
 ALPN_PREFIX = "crust/1/"
 MAX_ALPN_NAME = 48
-WRITE_HIGH_WATER = 1024 * 1024
-WRITE_LOW_WATER = 256 * 1024
+WRITE_HIGH_WATER = 4 * 1024 * 1024
+"""Stream bytes handed to aioquic and not yet acknowledged above which the Session stops
+writing (what may be in flight: 4 MiB covers 10 MB/s at 400 ms round trip)."""
+WRITE_LOW_WATER = 2 * 1024 * 1024
+"""Writing resumes below this; half the window, so the sender refills while the peer still
+has data to read (measured: 1 MiB / 256 KiB left both sides idle in turn)."""
 PAUSED_BUFFER_LIMIT = 1024 * 1024
 """While reading is paused, stream data is buffered up to this much; beyond it the link's
 datagrams are dropped unread, so the peer's QUIC stack backs off and resends later."""
+TRANSMIT_EARLY = 256 * 1024
+"""Once this much stream data is written since the last transmit, transmit at once."""
+PACING_ROUNDS = 32
+"""At most this many ``datagrams_to_send`` calls per transmit while aioquic's pacing time
+has already passed (see :meth:`QuicLink._transmit`)."""
 CLOSE_LINGER = 5.0
 """After our FIN, how long to wait for the peer's FIN before closing the QUIC connection."""
 ALPN_MISMATCH = QuicErrorCode.CRYPTO_ERROR + AlertDescription.no_application_protocol
@@ -84,6 +96,24 @@ CERTIFICATE_ALERTS = frozenset(
 SELF_SIGNED = "self-signed"
 PRIVATE_CA = "private-ca"
 PUBLIC_CA = "public-ca"
+INTERNET_DATAGRAM_SIZE = 1350
+"""Default largest UDP payload towards any address but loopback (aioquic does no path MTU
+discovery, so this must fit every path: see docs/design.md, QUIC)."""
+LOOPBACK_DATAGRAM_SIZE = MAX_QUIC_DATAGRAM
+"""Default largest UDP payload towards a loopback address (fits every loopback MTU)."""
+
+
+def datagram_size_for(host: str, configured: int | None = None) -> int:
+    """The largest UDP payload to send to ``host``: ``configured`` if given, else
+    :data:`LOOPBACK_DATAGRAM_SIZE` for a loopback address and
+    :data:`INTERNET_DATAGRAM_SIZE` otherwise."""
+    if configured is not None:
+        return configured
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    return LOOPBACK_DATAGRAM_SIZE if loopback else INTERNET_DATAGRAM_SIZE
 
 
 def alpn_for(network_name: str) -> str:
@@ -406,6 +436,9 @@ class QuicLink:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._transmit_scheduled = False
+        self._untransmitted = 0
+        """Stream bytes written since the last transmit."""
+        self._coalesce_next = False
         self._linger: asyncio.TimerHandle | None = None
         self._deadline: asyncio.TimerHandle | None = self._loop.call_later(
             settings.handshake_timeout, self._handshake_expired
@@ -428,14 +461,16 @@ class QuicLink:
         *,
         pin: PeerId | None = None,
         server_name: str | None = None,
+        datagram_size: int | None = None,
     ) -> QuicLink:
         """Start a client connection from ``mux``'s socket; await ``link.ready``.
-        ``server_name`` is only used in public-ca mode (the certificate must name it)."""
+        ``server_name`` is only used in public-ca mode (the certificate must name it);
+        ``datagram_size``: the configured maximum, None for :func:`datagram_size_for`'s."""
         if settings.mode != PUBLIC_CA:
             server_name = None
-        quic = QuicConnection(
-            configuration=settings.configuration(is_client=True, server_name=server_name)
-        )
+        config = settings.configuration(is_client=True, server_name=server_name)
+        config.max_datagram_size = datagram_size_for(remote[0], datagram_size)
+        quic = QuicConnection(configuration=config)
         link = cls(mux, quic, remote, settings)
         link.pin = pin
         link.server_name = server_name
@@ -455,14 +490,18 @@ class QuicLink:
         settings: QuicSettings,
         on_ready: Callable[[QuicLink], None],
         on_failed: Callable[[QuicLink, BaseException], None],
+        *,
+        datagram_size: int | None = None,
     ) -> QuicLink:
         kind = (
             ClientCertificateQuicConnection
             if settings.requests_client_certificate
             else QuicConnection
         )
+        config = settings.configuration(is_client=False)
+        config.max_datagram_size = datagram_size_for(remote[0], datagram_size)
         quic = kind(
-            configuration=settings.configuration(is_client=False),
+            configuration=config,
             original_destination_connection_id=original_dcid,
             retry_source_connection_id=retry_scid,
         )
@@ -493,7 +532,14 @@ class QuicLink:
             self.on_ready = self.on_failed = None
             self.quic.close(error_code=QuicErrorCode.CONNECTION_REFUSED, reason_phrase=self.refusal)
         self._process()
-        self._transmit()
+        if self._coalesce_next:
+            # the dialler's handshake just completed: its Finished waits one loop iteration
+            # so that the Session's first handshake message (written when the dialling
+            # task resumes) leaves in the same datagram
+            self._coalesce_next = False
+            self._transmit_soon()
+        else:
+            self._transmit()
 
     def detach(self) -> None:
         """The mux is gone: stop every timer."""
@@ -509,12 +555,24 @@ class QuicLink:
     def writelines(self, data: list[bytes | bytearray], /) -> None:
         if self._closing or self._stream_id is None:
             return
-        self.quic.send_stream_data(self._stream_id, b"".join(data))
+        # one call per record: aioquic copies each into its stream buffer at once (so a
+        # bytearray is as good as bytes), joining them first would copy everything twice
+        send, stream_id = self.quic.send_stream_data, self._stream_id
+        written = 0
+        for record in data:
+            send(stream_id, cast(bytes, record))
+            written += len(record)
         if not self._write_paused and self._unacked() > WRITE_HIGH_WATER:
             self._write_paused = True
             if self.conn is not None:
                 self.conn.pause_writing()
-        self._transmit_soon()
+        self._untransmitted += written
+        if self._untransmitted >= TRANSMIT_EARLY:
+            # the Session may hand over up to the whole window in one flush: let the first
+            # packets leave now rather than after all of it is written
+            self._transmit()
+        else:
+            self._transmit_soon()
 
     def close(self) -> None:
         """FIN our stream (after what is written); the QUIC connection closes once the peer
@@ -580,7 +638,7 @@ class QuicLink:
     def _process(self) -> None:
         quic = self.quic
         while (event := quic.next_event()) is not None:
-            if isinstance(event, qe.StreamDataReceived):
+            if type(event) is qe.StreamDataReceived:
                 self._stream_data(event)
             elif isinstance(event, qe.ConnectionIdIssued):
                 self.mux.register(event.connection_id, self)
@@ -592,6 +650,9 @@ class QuicLink:
                 self._closed_by(event)
                 self._end()
                 return
+        # the stream data of the whole batch goes to the session in one piece
+        if (self._pending or self._pending_fin) and not self._read_paused:
+            self._deliver_pending()
         # aioquic reports ConnectionTerminated only after draining (3 PTO): react at once
         early: Any = getattr(quic, "_close_event", None)
         if isinstance(early, qe.ConnectionTerminated):
@@ -620,6 +681,7 @@ class QuicLink:
             self._deadline = None
         if not self.ready.done():
             self.ready.set_result(None)
+            self._coalesce_next = self.is_client
         if self.on_ready is not None:
             self.on_ready(self)
 
@@ -660,8 +722,6 @@ class QuicLink:
             self._pending_bytes += len(event.data)
         if event.end_stream:
             self._pending_fin = True
-        if not self._read_paused and self.conn is not None:
-            self._deliver_pending()
 
     def _deliver_pending(self) -> None:
         conn = self.conn
@@ -672,8 +732,12 @@ class QuicLink:
                 self._pending.clear()
                 self._pending_bytes = 0
                 break
-            chunk = self._pending.pop(0)
-            self._pending_bytes -= len(chunk)
+            # one call for everything pending: the session then parses whole records in
+            # place instead of completing one record per QUIC packet
+            pending = self._pending
+            chunk = pending[0] if len(pending) == 1 else b"".join(pending)
+            pending.clear()
+            self._pending_bytes = 0
             conn.data_received(chunk)
         if self._pending_fin and not self._pending and (not self._read_paused or conn.closed):
             self._pending_fin = False
@@ -743,11 +807,28 @@ class QuicLink:
 
     def _transmit(self) -> None:
         self._transmit_scheduled = False
+        self._untransmitted = 0
         if self._terminated:
             return
-        mux = self.mux
-        for data, addr in self.quic.datagrams_to_send(now=self._loop.time()):
-            mux.sendto(data, addr)
+        quic = self.quic
+        clock = self._loop.time
+        datagrams = quic.datagrams_to_send(now=clock())
+        # aioquic paces packet by packet; when the path is fast (loopback, LAN) its next
+        # send time is a few microseconds away and each call yields one or two packets.
+        # Going through the event loop for every one of them (a call_at, an epoll) costs
+        # more than the packet: keep building while the pacing time has already come.
+        rounds = 1
+        while rounds < PACING_ROUNDS:
+            pacing_at: Any = getattr(quic, "_pacing_at", None)
+            if not isinstance(pacing_at, float) or pacing_at > clock():
+                break
+            more = quic.datagrams_to_send(now=clock())
+            if not more:
+                break
+            datagrams += more
+            rounds += 1
+        if datagrams:
+            self.mux.send_datagrams(datagrams)
         self._arm_timer()
 
     def _arm_timer(self) -> None:

@@ -1,7 +1,8 @@
 """One UDP socket shared by every QUIC connection of a listener (and its outbound dials).
 
 The mux reads datagrams in batches (``loop.add_reader`` + ``recvfrom_into`` into one
-preallocated buffer) and routes each one by its QUIC destination connection id:
+preallocated buffer, or on Linux ``recvmsg_into`` with UDP GRO, several datagrams per call)
+and routes each one by its QUIC destination connection id:
 
 * long header  -> DCID length byte + DCID;
 * short header -> the fixed-length DCID we chose for ourselves (:data:`CID_LENGTH`);
@@ -18,9 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import socket
+import struct
+import sys
 from collections.abc import Callable
 from typing import Protocol
 
@@ -42,13 +46,33 @@ MAX_CID_LENGTH = 20
 RECV_BUFFER = 65_536
 MAX_BATCH = 64
 """Datagrams read per reader callback before yielding to the loop."""
+SOCKET_BUFFER = 4 * 1024 * 1024
+"""Requested SO_RCVBUF / SO_SNDBUF.  The kernel's default (about 208 KiB on Linux) holds
+only a few dozen full datagrams: a burst larger than that is dropped by the kernel and
+QUIC's congestion control halves its window.  Linux caps the request at
+``net.core.rmem_max`` / ``wmem_max`` (see docs/design.md, QUIC)."""
 MIN_INITIAL_SIZE = 1200
 """RFC 9000 §14.1: a client Initial is padded to 1200 bytes; smaller ones are not served."""
 SUPPORTED_VERSIONS = (QuicProtocolVersion.VERSION_1, QuicProtocolVersion.VERSION_2)
 
+UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)
+"""Linux ``setsockopt``/cmsg level SOL_UDP: send one buffer as several datagrams (GSO)."""
+MAX_GSO_SEGMENTS = 64
+MAX_UDP_PAYLOAD = 65_507
+"""The segments of one GSO send share one UDP length field (IPv4 bound, IPv6 allows 20
+bytes more)."""
+UDP_GRO = getattr(socket, "UDP_GRO", 104)
+"""Linux SOL_UDP option: the kernel may hand several datagrams of one sender, all of one
+size but the last, to one receive call, with their size in a control message (GRO)."""
+_GSO_OFF_ERRNOS = frozenset({errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP})
+_U16 = struct.Struct("=H")
+_INT = struct.Struct("=i")
+_GRO_CMSG_SPACE = socket.CMSG_SPACE(_INT.size) if hasattr(socket, "CMSG_SPACE") else 0
+
 STAT_NAMES = (
     "datagrams_received",
     "datagrams_sent",
+    "gso_sends",
     "send_dropped",
     "dropped_garbage",
     "dropped_unknown_cid",
@@ -115,9 +139,140 @@ def parse_dcid(data: bytes | memoryview) -> bytes | None:
     return bytes(data[1 : 1 + CID_LENGTH])
 
 
+def enlarge_buffers(sock: socket.socket, size: int) -> tuple[int, int]:
+    """Ask for ``size``-byte receive and send buffers (never shrinking them); returns the
+    sizes granted.  A refusal is not an error: the defaults still work, only slower."""
+    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        with contextlib.suppress(OSError):
+            if sock.getsockopt(socket.SOL_SOCKET, opt) < size:
+                sock.setsockopt(socket.SOL_SOCKET, opt, size)
+    return (
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
+    )
+
+
 def is_quic(first_byte: int) -> bool:
     """QUIC packets (other than version negotiation) have the fixed bit set."""
     return bool(first_byte & 0x40) or bool(first_byte & 0x80)
+
+
+class DatagramReceiver:
+    """Reads datagrams from one non-blocking UDP socket in batches, into one preallocated
+    buffer.  With UDP GRO (Linux) one system call may bring many datagrams of one sender,
+    which are cut apart again here; elsewhere (or if the kernel refuses the option) it is
+    one ``recvfrom_into`` per datagram.  Counts ``datagrams_received`` into ``stats``."""
+
+    def __init__(self, sock: socket.socket, stats: dict[str, int]) -> None:
+        self.sock = sock
+        self.stats = stats
+        self._buf = bytearray(RECV_BUFFER)
+        self._view = memoryview(self._buf)
+        self.gro = False
+        if sys.platform == "linux" and _GRO_CMSG_SPACE and hasattr(sock, "recvmsg_into"):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_UDP, UDP_GRO, 1)
+                self.gro = True
+
+    def receive(self, limit: int) -> list[tuple[bytes, Address]]:
+        """Up to about ``limit`` datagrams that are waiting (``limit`` system calls at most,
+        never blocks)."""
+        out: list[tuple[bytes, Address]] = []
+        sock, view = self.sock, self._view
+        for _ in range(limit):
+            segment = 0
+            try:
+                if self.gro:
+                    n, ancillary, _flags, raw = sock.recvmsg_into([self._buf], _GRO_CMSG_SPACE)
+                    for level, kind, data in ancillary:
+                        if level == socket.SOL_UDP and kind == UDP_GRO and len(data) >= 4:
+                            segment = _INT.unpack_from(data)[0]
+                else:
+                    n, raw = sock.recvfrom_into(self._buf)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:  # e.g. ICMP port unreachable reported on the socket
+                log.debug("recvfrom: %s", exc)
+                continue
+            addr = (str(raw[0]), int(raw[1]))
+            if 0 < segment < n:
+                for start in range(0, n, segment):
+                    out.append((view[start : min(start + segment, n)].tobytes(), addr))
+            else:
+                out.append((view[:n].tobytes(), addr))
+            if len(out) >= limit:
+                break
+        self.stats["datagrams_received"] += len(out)
+        return out
+
+
+class DatagramSender:
+    """Sends datagrams from one non-blocking UDP socket, counting into ``stats``
+    (``datagrams_sent``, ``gso_sends``, ``send_dropped``).  A datagram that cannot be sent
+    at once is dropped: QUIC's loss recovery sends its content again."""
+
+    def __init__(self, sock: socket.socket, stats: dict[str, int]) -> None:
+        self.sock = sock
+        self.stats = stats
+        self.gso = sys.platform == "linux" and hasattr(sock, "sendmsg")
+        """Send runs of equal-size datagrams to one address with one ``sendmsg`` (UDP GSO);
+        turned off for good when the kernel refuses it."""
+
+    def sendto(self, data: bytes, addr: Address) -> None:
+        try:
+            self.sock.sendto(data, addr)
+            self.stats["datagrams_sent"] += 1
+        except (BlockingIOError, InterruptedError):
+            self.stats["send_dropped"] += 1
+        except OSError as exc:
+            self.stats["send_dropped"] += 1
+            log.debug("sendto %s failed: %s", addr, exc)
+
+    def send(self, datagrams: list[tuple[bytes, Address]]) -> None:
+        """Send datagrams in order.  With GSO, each run of datagrams to one address whose
+        sizes are equal (the last of a run may be shorter) leaves in one system call; the
+        kernel (or the network card) cuts it into the same datagrams."""
+        if not self.gso or len(datagrams) < 2:
+            for data, addr in datagrams:
+                self.sendto(data, addr)
+            return
+        i, n = 0, len(datagrams)
+        while i < n:
+            data, addr = datagrams[i]
+            size = len(data)
+            limit = min(MAX_GSO_SEGMENTS, MAX_UDP_PAYLOAD // size)
+            j = i + 1
+            while j < n and j - i < limit:
+                d, a = datagrams[j]
+                if a != addr or len(d) > size:
+                    break
+                j += 1
+                if len(d) < size:  # a shorter one can only end the run
+                    break
+            if j - i == 1:
+                self.sendto(data, addr)
+            else:
+                self._send_segments([d for d, _ in datagrams[i:j]], size, addr)
+            i = j
+
+    def _send_segments(self, segments: list[bytes], size: int, addr: Address) -> None:
+        try:
+            self.sock.sendmsg(
+                [b"".join(segments)], [(socket.SOL_UDP, UDP_SEGMENT, _U16.pack(size))], 0, addr
+            )
+            self.stats["datagrams_sent"] += len(segments)
+            self.stats["gso_sends"] += 1
+        except (BlockingIOError, InterruptedError):
+            self.stats["send_dropped"] += len(segments)
+        except OSError as exc:
+            if exc.errno in _GSO_OFF_ERRNOS:
+                log.debug("UDP GSO refused (%s): sending datagrams one by one", exc)
+                self.gso = False
+                for data in segments:
+                    self.sendto(data, addr)
+            else:
+                self.stats["send_dropped"] += len(segments)
+                log.debug("sendmsg %s failed: %s", addr, exc)
 
 
 class UdpMux:
@@ -137,6 +292,8 @@ class UdpMux:
     ) -> None:
         sock.setblocking(False)
         self.sock = sock
+        self.buffer_sizes = enlarge_buffers(sock, SOCKET_BUFFER)
+        """(receive, send) socket buffer sizes the kernel granted."""
         self.family = sock.family
         self.local_address: Address = sock.getsockname()[:2]
         self.acceptor = acceptor
@@ -146,11 +303,11 @@ class UdpMux:
         self.on_other_datagram: Callable[[bytes, Address], None] | None = None
         self._datagram_handlers: list[Callable[[bytes, Address], bool]] = []
         self.stats: dict[str, int] = dict.fromkeys(STAT_NAMES, 0)
+        self.sender = DatagramSender(sock, self.stats)
         self._routes: dict[bytes, MuxClient] = {}
         self._clients: dict[MuxClient, set[bytes]] = {}
         self._retry_tokens = QuicRetryTokenHandler()
-        self._buf = bytearray(RECV_BUFFER)
-        self._view = memoryview(self._buf)
+        self.receiver = DatagramReceiver(sock, self.stats)
         self._loop = asyncio.get_running_loop()
         self._closed = False
         self._loop.add_reader(sock.fileno(), self._on_readable)
@@ -231,31 +388,20 @@ class UdpMux:
     # ------------------------------------------------------------ I/O
 
     def sendto(self, data: bytes, addr: Address) -> None:
-        if self._closed:
-            return
-        try:
-            self.sock.sendto(data, addr)
-            self.stats["datagrams_sent"] += 1
-        except (BlockingIOError, InterruptedError):
-            self.stats["send_dropped"] += 1  # QUIC's loss recovery resends
-        except OSError as exc:
-            self.stats["send_dropped"] += 1
-            log.debug("sendto %s failed: %s", addr, exc)
+        if not self._closed:
+            self.sender.sendto(data, addr)
+
+    def send_datagrams(self, datagrams: list[tuple[bytes, Address]]) -> None:
+        """Send datagrams in order (see :meth:`DatagramSender.send`)."""
+        if not self._closed:
+            self.sender.send(datagrams)
 
     def _on_readable(self) -> None:
         touched: dict[MuxClient, None] = {}
         now = self._loop.time()
-        for _ in range(MAX_BATCH):
+        for data, addr in self.receiver.receive(MAX_BATCH):
             try:
-                n, addr = self.sock.recvfrom_into(self._buf)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as exc:  # e.g. ICMP port unreachable reported on the socket
-                log.debug("recvfrom: %s", exc)
-                continue
-            self.stats["datagrams_received"] += 1
-            try:
-                client = self._route(self._view[:n], (str(addr[0]), int(addr[1])), now)
+                client = self._route(data, addr, now)
             except Exception:  # never let a datagram break the reader
                 self.stats["dropped_garbage"] += 1
                 log.exception("datagram from %s could not be routed", addr)
@@ -271,7 +417,7 @@ class UdpMux:
                 log.exception("QUIC connection failed to process input")
                 client.abort()
 
-    def _route(self, view: memoryview, addr: Address, now: float) -> MuxClient | None:
+    def _route(self, view: bytes | memoryview, addr: Address, now: float) -> MuxClient | None:
         """Hand one datagram to its connection; returns the connection fed (if any)."""
         if not view:
             self.stats["dropped_garbage"] += 1
