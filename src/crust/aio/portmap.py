@@ -237,17 +237,12 @@ class _UdpClient:
 # =============================================================================== NAT-PMP
 
 
-class NatPmpClient(_UdpClient):
-    """NAT-PMP (RFC 6886) requests to ``gateway``:5351."""
-
-    name = "natpmp"
+class _EpochClient(_UdpClient):
+    """A NAT-PMP or PCP client: both protocols report the gateway's epoch (seconds since
+    its mappings were last lost), which tells when to map everything again."""
 
     def __init__(
-        self,
-        gateway: str,
-        *,
-        port: int = natpmp.SERVER_PORT,
-        delays: Sequence[float] | None = None,
+        self, gateway: str, *, port: int = 5351, delays: Sequence[float] | None = None
     ) -> None:
         super().__init__(gateway, port, delays or natpmp.retransmit_delays(0.25, 4))
         self.last_epoch: tuple[int, float] | None = None
@@ -261,6 +256,21 @@ class NatPmpClient(_UdpClient):
         ):
             self.state_lost = True
         self.last_epoch = (epoch, now)
+
+
+class NatPmpClient(_EpochClient):
+    """NAT-PMP (RFC 6886) requests to ``gateway``:5351."""
+
+    name = "natpmp"
+
+    def __init__(
+        self,
+        gateway: str,
+        *,
+        port: int = natpmp.SERVER_PORT,
+        delays: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__(gateway, port=port, delays=delays)
 
     async def external_address(self) -> str:
         def accept(data: bytes) -> natpmp.ExternalAddressResponse | None:
@@ -315,7 +325,7 @@ class PcpGrant:
     epoch: int
 
 
-class PcpClient(_UdpClient):
+class PcpClient(_EpochClient):
     """PCP (RFC 6887) MAP requests to ``gateway``:5351."""
 
     name = "pcp"
@@ -327,17 +337,7 @@ class PcpClient(_UdpClient):
         port: int = pcp.SERVER_PORT,
         delays: Sequence[float] | None = None,
     ) -> None:
-        super().__init__(gateway, port, delays or natpmp.retransmit_delays(0.25, 4))
-        self.last_epoch: tuple[int, float] | None = None
-        self.state_lost = False
-
-    def _epoch(self, epoch: int) -> None:
-        now = asyncio.get_running_loop().time()
-        if self.last_epoch is not None and natpmp.epoch_lost_state(
-            self.last_epoch[0], self.last_epoch[1], epoch, now
-        ):
-            self.state_lost = True
-        self.last_epoch = (epoch, now)
+        super().__init__(gateway, port=port, delays=delays)
 
     @staticmethod
     def _check(r: pcp.Response, what: str) -> None:
