@@ -108,6 +108,7 @@ __all__ = [
     "Event",
     "ExternalAddressChanged",
     "LanPeerDiscovered",
+    "ReachabilityChecked",
     "ListenerFailed",
     "ListenerStarted",
     "MessageReceived",
@@ -115,3 +116,14 @@ __all__ = [
     "PeerLost",
     "PortMappingGranted",
 ]
+
+
+@dataclass(frozen=True, slots=True)
+class ReachabilityChecked(Event):
+    """A connected peer dialled our listeners back from another address: ``contacts`` are the
+    ones it reached (empty: none, so not reachable from outside). The first success makes us a
+    node (``Service.role``)."""
+
+    peer: PeerId
+    reachable: bool
+    contacts: tuple[str, ...] = ()

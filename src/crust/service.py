@@ -53,6 +53,7 @@ from crust.proto.session import (
     State,
 )
 from crust.proto.stun import StunResponder
+from crust.reachability import Reachability
 from crust.relay import Relay
 from crust.traversal import Traversal
 from crust.types import ConnectionDetails, EndpointPair, Statistics
@@ -175,6 +176,9 @@ class Service:
             self._add_acl(item, self._white_peers, self._white_nets, "whitelist")
         self._traversal: Traversal | None = None
         self._relay: Relay | None = None
+        self._reachability: Reachability | None = None
+        self._peer_roles: dict[PeerId, str] = {}
+        """What each connected peer says it is in its hello (``node`` once proven)."""
         self._tg: asyncio.TaskGroup | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._bootstrapper = Bootstrapper(
@@ -207,6 +211,7 @@ class Service:
         self._running = True
         self._traversal = Traversal(self)
         self._relay = Relay(self)
+        self._reachability = Reachability(self)
         for text in self.config.listen:
             contact = Contact.parse(text, field="listen")
             if contact.scheme == "tcp":
@@ -494,6 +499,19 @@ class Service:
         if (proto, local.port) in self._mapped and not is_private_external(remote.host):
             conn.path = "mapped"
 
+    @property
+    def role(self) -> str:
+        """``"node"`` once a dial-back from another address proved that others can reach our
+        listeners (or ``Config.role`` says so), else ``"client"``."""
+        if self._reachability is None:
+            return self.config.role if self.config.role != "auto" else "client"
+        return self._reachability.role
+
+    def _helpers_first(self, peers: list[tuple[PeerId, Connection]]) -> list[Connection]:
+        """Connected peers to ask for introductions and relays: proven nodes first."""
+        ranked = sorted(peers, key=lambda pc: self._peer_roles.get(pc[0]) != "node")
+        return [c for _, c in ranked]
+
     def endpoints(self) -> list[EndpointPair]:
         """Every listener with its local and (when known) external contact."""
         return list(self._endpoints)
@@ -608,7 +626,9 @@ class Service:
     async def _relayed(self, peer: PeerId) -> PeerId:
         """The last resort: a circuit through a connected node (up to 3 are asked)."""
         assert self._relay is not None
-        nodes = [c for p, c in list(self._active.items()) if p != peer and not c.closed]
+        nodes = self._helpers_first(
+            [(p, c) for p, c in list(self._active.items()) if p != peer and not c.closed]
+        )
         if not nodes:
             raise errors.ConnectError(f"no known contact for {peer} and no connected node to ask")
         errs: list[BaseException] = []
@@ -1019,6 +1039,10 @@ class Service:
             return
         if self._relay is not None and self._relay.handle_control(conn, event.payload):
             return
+        if self._reachability is not None and self._reachability.handle_control(
+            conn, event.payload
+        ):
+            return
         if self._traversal is not None:
             self._traversal.handle_control(conn, event.payload)
 
@@ -1035,6 +1059,11 @@ class Service:
             return
         log.debug("%r: handshake completed with peer %s", conn, peer.short())
         self._remember(peer, event.hello.get("contacts", []))
+        role = event.hello.get("role")
+        if isinstance(role, str) and role in ("node", "client"):
+            if peer not in self._peer_roles and len(self._peer_roles) >= MAX_KNOWN_PEERS:
+                del self._peer_roles[next(iter(self._peer_roles))]
+            self._peer_roles[peer] = role
         if self._traversal is not None:
             self._traversal.observe(conn, event.hello.get("observed"))
         conn.policy_ok = True
@@ -1111,6 +1140,8 @@ class Service:
             c.connects_inbound += 1
         c.by_path[conn.path] = c.by_path.get(conn.path, 0) + 1
         self._emit(PeerConnected(peer, conn.transport_name, conn.path, conn.outbound, conn.remote))
+        if conn.outbound and conn.path == "direct" and self._reachability is not None:
+            self._reachability.connected(conn)
         if conn.path == "relayed" and conn.outbound and self._traversal is not None:
             self._traversal.relayed(peer)
         self._bootstrapper.connection_kept(peer, conn.remote, conn.path, conn.outbound)

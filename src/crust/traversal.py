@@ -526,7 +526,9 @@ class Traversal:
             raise errors.HolePunchFailed(f"a punch to {peer} is already in progress")
         if len(self._punches) >= MAX_PUNCHES:
             raise errors.LimitExceeded("too many punches in progress")
-        nodes = [c for p, c in list(svc._active.items()) if p != peer and not c.closed]
+        nodes = svc._helpers_first(
+            [(p, c) for p, c in list(svc._active.items()) if p != peer and not c.closed]
+        )
         if not nodes:
             raise errors.HolePunchFailed(f"no connected node to introduce us to {peer}")
         reasons: list[str] = []

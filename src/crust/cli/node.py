@@ -306,6 +306,7 @@ class Node:
             "event": "endpoints",
             "endpoints": [to_json(ep) for ep in self.svc.endpoints()],
             "contacts": self.svc.contacts(),
+            "role": self.svc.role,
         }
 
     async def _statistics(self, cmd: JsonObject) -> JsonObject | None:
