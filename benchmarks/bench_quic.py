@@ -870,8 +870,10 @@ def run(
     Each figure holds ``crust``, ``baseline`` (bare aioquic), ``ratio`` (crust / bare),
     ``unit``, an optional ``target`` with ``met``, ``details``, and ``error`` when it could
     not be measured.  Bulk figures are repeated for every size in ``datagram_sizes``;
-    connection figures use the first.  The workers are started with multiprocessing's
-    ``spawn`` method, so a script calling this needs an ``if __name__ == "__main__":`` guard.
+    connection figures use the first.  ``profile``: a directory for cProfile stats of every
+    worker command (see :mod:`benchmarks.common`).  The workers are started with
+    multiprocessing's ``spawn`` method, so a script calling this needs an
+    ``if __name__ == "__main__":`` guard.
     """
     plan = QUICK if quick else FULL
     if repeats is not None:
