@@ -27,8 +27,9 @@ stateless Retry.  No crust code runs in it.
 Bulk transfers also run a third driver, "tuned": the same bare driver with crust's socket
 and send tuning (4 MiB socket buffers, GSO and GRO through crust's ``DatagramSender`` and
 ``DatagramReceiver``, every packet aioquic's pacing already allows built in one transmit,
-crust's send window).  crust against it shows what crust's own layers (Noise, framing,
-events) cost on an identical driver; its rows have no target.
+a transmit at once every 256 KiB written, crust's send window).  crust against it shows
+what crust's own layers (Noise, framing, events) cost on an identical driver; its rows have
+no target.
 
 Every phase is bounded in count and in time; the worker processes are always stopped.
 """
@@ -232,6 +233,12 @@ class Framer:
             del buf[:pos]
 
 
+def _retrieve(fut: asyncio.Future[None]) -> None:
+    """Mark a failure as seen (a server link's handshake future has no reader)."""
+    if not fut.cancelled():
+        fut.exception()
+
+
 def frame(payload: bytes) -> list[bytes]:
     """The stream writes for one message."""
     if len(payload) <= INLINE_FRAME:
@@ -256,7 +263,9 @@ class BareLink:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._scheduled = False
+        self._untransmitted = 0
         self._drain: asyncio.Future[None] | None = None
+        self.handshake.add_done_callback(_retrieve)
         self.high_water, self.low_water = (
             (crust_quic.WRITE_HIGH_WATER, crust_quic.WRITE_LOW_WATER)
             if endpoint.tuned
@@ -279,10 +288,11 @@ class BareLink:
             self._wake()
 
     def _terminated(self, ev: qe.ConnectionTerminated) -> None:
-        err = ConnectionError(f"QUIC connection closed: {ev.reason_phrase or ev.error_code}")
-        for fut in (self.handshake, self.closed):
-            if not fut.done():
-                fut.set_exception(err) if fut is self.handshake else fut.set_result(None)
+        if not self.handshake.done():
+            reason = ev.reason_phrase or f"error 0x{ev.error_code:x}"
+            self.handshake.set_exception(ConnectionError(f"QUIC connection closed: {reason}"))
+        if not self.closed.done():
+            self.closed.set_result(None)
         self._wake()
         if self._timer is not None:
             self._timer.cancel()
@@ -296,6 +306,7 @@ class BareLink:
 
     def transmit(self) -> None:
         self._scheduled = False
+        self._untransmitted = 0
         if self.closed.done():
             return
         quic = self.quic
@@ -333,6 +344,11 @@ class BareLink:
     def send(self, payload: bytes) -> None:
         for part in frame(payload):
             self.quic.send_stream_data(self.stream_id, part)
+        if self.endpoint.tuned:  # crust's driver: transmit at once every 256 KiB written
+            self._untransmitted += len(payload) + _LEN.size
+            if self._untransmitted >= crust_quic.TRANSMIT_EARLY:
+                self.transmit()
+                return
         self.transmit_soon()
 
     def unacked(self) -> int:
@@ -870,8 +886,10 @@ def run(
     Each figure holds ``crust``, ``baseline`` (bare aioquic), ``ratio`` (crust / bare),
     ``unit``, an optional ``target`` with ``met``, ``details``, and ``error`` when it could
     not be measured.  Bulk figures are repeated for every size in ``datagram_sizes``;
-    connection figures use the first.  The workers are started with multiprocessing's
-    ``spawn`` method, so a script calling this needs an ``if __name__ == "__main__":`` guard.
+    connection figures use the first.  ``profile``: a directory for cProfile stats of every
+    worker command (see :mod:`benchmarks.common`).  The workers are started with
+    multiprocessing's ``spawn`` method, so a script calling this needs an
+    ``if __name__ == "__main__":`` guard.
     """
     plan = QUICK if quick else FULL
     if repeats is not None:

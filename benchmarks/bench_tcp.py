@@ -611,7 +611,8 @@ def run(
 
     Each figure holds ``crust``, ``baseline``, ``ratio`` (crust / baseline), ``unit``, an
     optional ``target`` with ``met``, ``details``, and ``error`` when it could not be
-    measured.  ``progress`` receives one line per step (default: silent).
+    measured.  ``progress`` receives one line per step (default: silent); with ``profile``
+    (a directory) every worker command runs under cProfile (see :mod:`benchmarks.common`).
 
     The workers are started with multiprocessing's ``spawn`` method, so a script calling
     this must guard its entry point with ``if __name__ == "__main__":``.
