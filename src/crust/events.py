@@ -108,13 +108,13 @@ __all__ = [
     "Event",
     "ExternalAddressChanged",
     "LanPeerDiscovered",
-    "ReachabilityChecked",
     "ListenerFailed",
     "ListenerStarted",
     "MessageReceived",
     "PeerConnected",
     "PeerLost",
     "PortMappingGranted",
+    "ReachabilityChecked",
 ]
 
 
