@@ -81,6 +81,17 @@ class Reachability:
             self._running = True
             self.svc._spawn(self._ask(conn))
 
+    def endpoints_changed(self) -> None:
+        """A listener got a new external address (port mapping): if we are not proven yet,
+        ask again, first of a peer we dialed directly."""
+        if self.proven or self.svc.config.role != "auto":
+            return
+        self._asked.clear()
+        for conn in list(self.svc._active.values()):
+            if conn.outbound and conn.path == "direct" and not conn.closed:
+                self.connected(conn)
+                return
+
     async def _ask(self, conn: Connection) -> None:
         try:
             peer = conn.peer_id

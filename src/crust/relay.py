@@ -216,6 +216,8 @@ class Relay:
                 self._at_end(conn, kind, cid, payload)
         except (errors.ProtocolError, errors.LimitExceeded) as exc:
             self._refuse_circuit(conn, cid, str(exc))
+            if isinstance(exc, errors.ProtocolError):  # broke the circuit protocol
+                self.svc.abuse(conn.remote, conn.peer_id, "garbage")
         return True
 
     def _refuse_circuit(self, conn: Connection, cid: int, reason: str) -> None:

@@ -55,7 +55,7 @@ from crust.proto.session import (
 from crust.proto.stun import StunResponder
 from crust.reachability import Reachability
 from crust.relay import Relay
-from crust.traversal import Traversal
+from crust.traversal import BucketMap, Traversal
 from crust.types import ConnectionDetails, EndpointPair, Statistics
 
 log = logging.getLogger("crust")
@@ -178,6 +178,7 @@ class Service:
         self._relay: Relay | None = None
         self._reachability: Reachability | None = None
         self._peer_roles: dict[PeerId, str] = {}
+        self._abuse_reports = BucketMap(rate=0.1, burst=1.0)
         """What each connected peer says it is in its hello (``node`` once proven)."""
         self._tg: asyncio.TaskGroup | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -478,6 +479,8 @@ class Service:
             self._discovery.set_contacts(self.contacts())
         internal = str(Contact.from_address(scheme, m.internal))
         self._emit(PortMappingGranted(m.method, internal, external, m.lifetime))
+        if self._reachability is not None:
+            self._reachability.endpoints_changed()
 
     def _on_port_unmapped(self, m: GrantedMapping, error: errors.PortMappingError) -> None:
         """A mapping could not be renewed: stop announcing its external contact."""
@@ -915,7 +918,17 @@ class Service:
         reason = self._limit_refusal(host)
         if reason is not None:
             self._counters.limits_hit += 1
+            if reason == "max_connections_per_ip reached":
+                # one address holding the most it may: the upper layer may want to drop it
+                self.abuse(host, None, "limit")
         return reason
+
+    def abuse(self, address: str, peer: PeerId | None, kind: str) -> None:
+        """Report repeated abuse (``AbuseDetected``: limits, floods), at most once per
+        address and kind every 10 s, so a flood cannot turn into a flood of events."""
+        key = (address.rpartition(":")[0] if "://" in address else address, kind)
+        if self._abuse_reports.take(key, asyncio.get_running_loop().time()):
+            self._emit(AbuseDetected(address, peer, kind))
 
     def _limit_refusal(self, host: str) -> str | None:
         cfg = self.config

@@ -380,6 +380,7 @@ class Traversal:
             return
         if not (self._forward_per_peer.take(sender, now) and self._forward_total.take(now)):
             refuse("rate limited")
+            self.svc.abuse(conn.remote, sender, "flood")
             return
         target = self.svc._active.get(PeerId(to))
         if target is None or target.closed or PeerId(to) == sender:

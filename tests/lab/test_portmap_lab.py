@@ -354,3 +354,24 @@ def test_netcheck_reports_the_port_mapping_protocols_that_answer(upnp_lab: UpnpL
     # and without a gateway that speaks any of them (the public host has none)
     report = json.loads(lab.run("pub", argv, timeout=60).stdout)
     assert report["port_mapping"] == {"pcp": False, "natpmp": False, "upnp": False}
+
+
+def test_a_node_behind_miniupnpd_becomes_a_node_through_its_mapping(upnp_lab: UpnpLab) -> None:
+    """The dial-back from pub's second address reaches the mapped port: role node (without the
+    mapping the same host stays a client: tests/lab/test_roles_lab.py)."""
+    ul = upnp_lab
+    base = {"service_discovery": False, "bootstrap_cache": False}
+    outer = crust_node(ul, "pub", {**base, "port_mapping": False, "listen": ["tcp://0.0.0.0:7000"]})
+    pub_contact = outer.expect("ready")["contacts"][0]
+    assert pub_contact.startswith(f"tcp://{ul.lab.host('pub').address}:7000#")
+    inner = crust_node(ul, "a", {**base, "port_mapping": True, "listen": ["tcp://0.0.0.0:0"]})
+    inner.expect("ready")
+    grant = inner.expect("port_mapping_granted")
+    inner.command(cmd="connect", to=pub_contact)
+    checked = inner.expect("reachability_checked")
+    assert checked["reachable"] is True and checked["contacts"] == [grant["external"]], checked
+    inner.command(cmd="endpoints")
+    assert inner.expect("endpoints")["role"] == "node"
+    for node in (inner, outer):
+        node.command(cmd="quit")
+        node.expect("stopped")
