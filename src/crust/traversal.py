@@ -276,7 +276,8 @@ class Traversal:
                 waiter.set_result(dgram.address)
             return
         punch = self._by_token.get(dgram.token)
-        if punch is None or punch.plan is None:
+        if punch is None or punch.plan is None or _own(addr, mux):
+            # (our own probe, sent to a "LAN" candidate that is in fact our own address)
             self.counters["punch_datagrams_dropped"] += 1
             return
         punch.plan.datagram_received(dgram, addr, now)
@@ -495,8 +496,10 @@ class Traversal:
                         tcp.append((seen.host, port))
                     for port in dict.fromkeys(p for _, p in quic):
                         quic.append((seen.host, port))
-        punch.remote_tcp = list(dict.fromkeys(tcp))[: pp.MAX_CANDIDATES]
-        punch.remote_quic = list(dict.fromkeys(quic))[: pp.MAX_CANDIDATES]
+        # LAN addresses first: on one LAN they answer first and the path stays local
+        # (rather than hairpinning through the router)
+        punch.remote_tcp = _lan_first(tcp)[: pp.MAX_CANDIDATES]
+        punch.remote_quic = _lan_first(quic)[: pp.MAX_CANDIDATES]
 
     def _register(self, punch: _Punch, their_nonce: bytes) -> None:
         token = pp.shared_token(punch.nonce, their_nonce)
@@ -918,6 +921,16 @@ class Traversal:
             for fut in waiters.values():
                 if not fut.done():
                     fut.cancel()
+
+
+def _lan_first(addrs: list[Address]) -> list[Address]:
+    return sorted(dict.fromkeys(addrs), key=lambda a: not pp.is_lan(a[0]))
+
+
+def _own(addr: Address, mux: UdpMux) -> bool:
+    """``addr`` is this very socket (a probe we sent to one of our own addresses)."""
+    host, port = mux.local_address[0], mux.local_address[1]
+    return addr[1] == port and (addr[0] == host or addr[0] in expand_wildcard(host))
 
 
 def _is_loopback(contact: str) -> bool:

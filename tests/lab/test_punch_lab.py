@@ -16,7 +16,15 @@ import pytest
 from tests.lab import netlab
 from tests.lab.conftest import LabFactory
 from tests.lab.matrix import CONE_TYPES, SCHEMES, PunchLab, pairs, summarize
-from tests.lab.netlab import HostSpec, LabSpec, NatType, RouterSpec, pair_spec, pair_spec6
+from tests.lab.netlab import (
+    HostSpec,
+    LabSpec,
+    NatType,
+    Netem,
+    RouterSpec,
+    pair_spec,
+    pair_spec6,
+)
 from tests.nodeproc import CLI
 
 pytestmark = pytest.mark.lab
@@ -55,12 +63,13 @@ def test_symmetric_pairs_connect_by_birthday_probing_or_relay(
             assert r.path in ("punched", "relayed"), r
 
 
+@pytest.mark.parametrize("hairpin", [False, True], ids=["no-hairpin", "hairpin"])
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_hosts_behind_one_nat_connect_over_their_lan(
-    lab_factory: LabFactory, tmp_path: Path, scheme: str
+    lab_factory: LabFactory, tmp_path: Path, scheme: str, hairpin: bool
 ) -> None:
     spec = LabSpec(
-        routers=[RouterSpec("ra", nat="port-restricted")],
+        routers=[RouterSpec("ra", nat="port-restricted", hairpin=hairpin)],
         hosts=[HostSpec("pub"), HostSpec("a", router="ra"), HostSpec("b", router="ra")],
     )
     lab = lab_factory(spec)
@@ -133,3 +142,44 @@ def test_ipv6_hosts_behind_stateful_firewalls_punch(
         a.command(cmd="peers")
         peers = {p["peer"]: p for p in a.expect("peers")["peers"]}
         assert f"[{lab.address6('b')}]" in peers[b.peer_id]["remote"]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_double_nat_punches(lab_factory: LabFactory, tmp_path: Path, scheme: str) -> None:
+    """``b`` behind two port-restricted NATs (a carrier NAT and a home router)."""
+    spec = LabSpec(
+        routers=[
+            RouterSpec("ra", nat="port-restricted"),
+            RouterSpec("cgn", nat="port-restricted"),
+            RouterSpec("rb", nat="port-restricted", upstream="cgn"),
+        ],
+        hosts=[
+            HostSpec("pub", extra_addresses=1),
+            HostSpec("a", router="ra"),
+            HostSpec("b", router="rb"),
+        ],
+    )
+    plab = PunchLab(lab_factory(spec), tmp_path)
+    for _ in range(2):
+        r = plab.trial("port-restricted", "double", scheme)
+        assert r.ok and r.path == "punched", r
+
+
+@pytest.mark.parametrize(
+    ("nat_a", "nat_b", "scheme"),
+    [
+        ("port-restricted", "port-restricted", "tcp"),
+        ("port-restricted", "port-restricted", "quic"),
+        ("port-restricted", "symmetric", "quic"),
+    ],
+)
+def test_100ms_rtt_and_1pct_loss(
+    lab_factory: LabFactory, tmp_path: Path, nat_a: NatType, nat_b: NatType, scheme: str
+) -> None:
+    """25 ms and 0.5 % loss each way on both peers' links: 100 ms round trip and about 1 %
+    loss between them; the punch (birthday probing for the symmetric pair) still connects."""
+    netem = Netem(delay_ms=25, loss_pct=0.5)
+    plab = PunchLab(lab_factory(pair_spec(nat_a, nat_b, netem=netem)), tmp_path)
+    for _ in range(2):
+        r = plab.trial(nat_a, nat_b, scheme)
+        assert r.ok and r.path == "punched", r
