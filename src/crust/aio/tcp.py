@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import threading
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -16,6 +17,20 @@ WRITE_HIGH_WATER = 512 * 1024
 WRITE_LOW_WATER = 128 * 1024
 
 
+_local = threading.local()
+
+
+def _read_buffer() -> memoryview:
+    """One read buffer per thread, shared by every TCP connection of its event loop: asyncio
+    calls ``buffer_updated`` right after each read, and the session consumes the bytes (or
+    copies the unfinished record) before the next read into it — so an idle connection does
+    not hold 256 KiB of its own."""
+    view: memoryview | None = getattr(_local, "view", None)
+    if view is None:
+        view = _local.view = memoryview(bytearray(READ_BUFFER))
+    return view
+
+
 class TcpProtocol(asyncio.BufferedProtocol):
     """Bytes from the socket land in a preallocated buffer and go straight to the session.
 
@@ -25,8 +40,7 @@ class TcpProtocol(asyncio.BufferedProtocol):
 
     def __init__(self, make_connection: Callable[[asyncio.Transport], Connection | None]) -> None:
         self._make = make_connection
-        self._buf = bytearray(READ_BUFFER)
-        self._view = memoryview(self._buf)
+        self._view = _read_buffer()
         self.conn: Connection | None = None
         self.made: asyncio.Future[Connection | None] = asyncio.get_running_loop().create_future()
 

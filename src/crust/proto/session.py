@@ -201,6 +201,10 @@ class SessionParams:
     send_queue_size: int = 16 * 1024 * 1024
     hello_extra: dict[str, Any] = field(default_factory=dict)
     """Extra hello fields (contacts, role); bounded by MAX_HELLO when encoded."""
+    scratch: bytearray = field(default_factory=lambda: bytearray(MAX_PLAINTEXT), repr=False)
+    """Plaintext work space shared by every session made with these parameters (one
+    service, one thread): records are packed and decrypted into it within one call, so an
+    idle connection costs no 64 KiB buffer of its own."""
     keylog: Callable[[TransportKeys], None] | None = None
     """Debugging only: called with every session's transport keys when its handshake
     completes (the asyncio layer writes them to ``Config.keylog_file``)."""
@@ -282,7 +286,7 @@ class Session:
         self._recv: CipherState | None = None
         self._inbuf = bytearray()
         self._out: list[bytes | bytearray] = []
-        self._plain = bytearray(MAX_PLAINTEXT)
+        self._plain = params.scratch
         self._plain_view = memoryview(self._plain)
         self._got_header = initiator  # the responder first reads the clear header
         self._got_status = not initiator
