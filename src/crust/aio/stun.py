@@ -26,6 +26,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from types import TracebackType
+from typing import Self
 
 from crust.aio.udp_mux import UdpMux
 from crust.errors import ConfigError, LimitExceeded, ProtocolError, ServiceClosed
@@ -115,7 +116,25 @@ def local_ip_towards(target: Address) -> str | None:
         return None
 
 
-class StunDispatcher:
+class _ClosedOnExit:
+    """``async with x:`` closes ``x`` (synchronously) on the way out."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class StunDispatcher(_ClosedOnExit):
     """The STUN traffic of one UDP socket (see the module docstring)."""
 
     def __init__(
@@ -247,17 +266,6 @@ class StunDispatcher:
         if self._detach is not None:
             self._detach()
             self._detach = None
-
-    async def __aenter__(self) -> StunDispatcher:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     async def aclose(self) -> None:
         self.close()
@@ -468,7 +476,7 @@ async def stun_binding(
 # --------------------------------------------------------------------------------------------
 
 
-class StunServer:
+class StunServer(_ClosedOnExit):
     """A standalone STUN server on one socket, or four for RFC 5780 (see :meth:`start`)."""
 
     def __init__(self, responder: StunResponder, sockets: dict[Address, socket.socket]) -> None:
@@ -568,17 +576,6 @@ class StunServer:
         for sock in self._sockets.values():
             self._loop.remove_reader(sock.fileno())
             sock.close()
-
-    async def __aenter__(self) -> StunServer:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _bind(family: int, addr: Address) -> socket.socket:
