@@ -726,3 +726,43 @@ def test_lan_beacon_datagrams(tmp_path: Path) -> None:
     messages = [pkt.layers.get("_ws.expert.message") for pkt in decoded[2:]]
     assert messages == [["shorter than a beacon"], ["bad contact in a beacon"]]
     assert not [pkt for pkt in decoded[2:] if "crust.beacon.signature" in pkt.layers]
+
+
+async def test_real_punch_and_echo_datagrams_are_decoded(tmp_path: Path) -> None:
+    """A real introduction and punch on loopback (QUIC only) plus an address echo, captured:
+    tshark shows crust's PROBE/ACK/ECHO datagrams with one token per punch."""
+    cfg = crust.Config.for_testing(listen=("quic://127.0.0.1:0",))
+    async with Service(cfg) as node, Service(cfg) as a, Service(cfg) as b:
+        ports = [port_of(s.contacts()[0]) for s in (node, a, b)]
+        capture = LoopbackCapture(ports, socket.IPPROTO_UDP)
+        try:
+            # the echo first: once a QUIC connection uses the same pair of ports, Wireshark
+            # shows that conversation as QUIC (docs/wireshark.md)
+            traversal = b._traversal
+            assert traversal is not None
+            seen = await traversal.echo(b._muxes[0], ("127.0.0.1", ports[0]))
+            assert seen == b._muxes[0].local_address
+            await a.connect(node.contacts()[0])
+            await b.connect(node.contacts()[0])
+            async with asyncio.timeout(20):
+                while b.peer_id not in node.peers():
+                    await node._wait_peer(b.peer_id)
+            assert await a.connect(b.peer_id) == b.peer_id
+            assert a.connection(b.peer_id).path == "punched"
+        finally:
+            capture.drain()
+            capture.close()
+    decoded = tshark(capture.save(tmp_path / "punch.pcap"), tmp_path)
+    kinds = [k for pkt in decoded for k in pkt.layers.get("crust.punch.kind", [])]
+    assert "3" in kinds and "4" in kinds  # the echo request and its reply
+    assert "1" in kinds and "2" in kinds  # probes and acks of the punch
+    reply = next(pkt for pkt in decoded if pkt.layers.get("crust.punch.kind") == ["4"])
+    assert reply.layers["crust.punch.ipv4"] == ["127.0.0.1"]
+    assert reply.layers["crust.punch.port"] == [str(ports[2])]
+    tokens = {
+        t
+        for pkt in decoded
+        if pkt.layers.get("crust.punch.kind") in (["1"], ["2"])
+        for t in pkt.layers["crust.punch.token"]
+    }
+    assert len(tokens) == 1  # both sides use the one token derived from both nonces
