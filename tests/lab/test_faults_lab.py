@@ -49,4 +49,3 @@ def test_quic_survives_nat_rebinding_without_losing_a_message(
         assert [e for e in pub.history if e.get("event") == "peer_connected"] == [first]
     finally:
         a.close()
-
