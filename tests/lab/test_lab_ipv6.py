@@ -11,11 +11,8 @@ port-restricted NAT router and a host ``hn`` behind two nested firewalls.  Probe
 from __future__ import annotations
 
 import ipaddress
-import itertools
 import shutil
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -34,13 +31,9 @@ from tests.lab.netlab import (
     pair_spec6,
 )
 from tests.lab.probe import Addr, Probe, UdpSocket
+from tests.lab.world import ECHO_PORT, SILENCE, EchoWorld, payloads
 
 pytestmark = pytest.mark.lab
-
-#: How long a packet that should *not* arrive is waited for.
-SILENCE = 0.5
-ECHO_PORT = 4000
-ECHO_PORT2 = 4001
 
 _PAIR = pair_spec6()
 WORLD6 = LabSpec(
@@ -61,22 +54,7 @@ WORLD6 = LabSpec(
 )
 
 
-@dataclass
-class World:
-    lab: Lab
-    echo1: UdpSocket  # pub A1:4000
-    echo1b: UdpSocket  # pub A1:4001 (same address, other port)
-    echo1c: UdpSocket  # pub A2:4000 (same host, other address)
-    echo2: UdpSocket  # pub2 B:4000 (other host)
-    tcp_echo: Addr  # pub A1:4000
-    probes: dict[str, Probe] = field(default_factory=dict)
-    ports: Iterator[int] = field(default_factory=lambda: itertools.count(30000, 7))
-
-    def probe(self, node: str) -> Probe:
-        if node not in self.probes:
-            self.probes[node] = Probe.start(self.lab, node)
-        return self.probes[node]
-
+class World(EchoWorld):
     def sock(self, node: str, port: int | None = None) -> UdpSocket:
         """A fresh IPv6 UDP socket in ``node`` on a port no earlier test used."""
         return self.probe(node).udp(port=port or next(self.ports), addr="::")
@@ -88,28 +66,13 @@ class World:
         """Where ``s`` is reached from anywhere: its host's global address (no NAT)."""
         return self.addr6(s.probe.node), s.port
 
-    @staticmethod
-    def addr(s: UdpSocket) -> Addr:
-        return s.addr, s.port
-
 
 @pytest.fixture(scope="module")
 def world(module_lab_factory: LabFactory) -> World:
     lab = module_lab_factory(WORLD6)
     a1, a2 = lab.host("pub").addresses6
     b = lab.address6("pub2")
-    pub = Probe.start(lab, "pub")
-    pub2 = Probe.start(lab, "pub2")
-    w = World(
-        lab=lab,
-        echo1=pub.udp_echo(a1, ECHO_PORT),
-        echo1b=pub.udp_echo(a1, ECHO_PORT2),
-        echo1c=pub.udp_echo(a2, ECHO_PORT),
-        echo2=pub2.udp_echo(b, ECHO_PORT),
-        tcp_echo=(a1, pub.tcp_echo(a1, ECHO_PORT)),
-    )
-    w.probes.update(pub=pub, pub2=pub2)
-    return w
+    return World.start(lab, a1, a2, b, first_port=30000)
 
 
 @pytest.fixture(autouse=True)
@@ -119,10 +82,6 @@ def _fresh_firewall_state(request: pytest.FixtureRequest) -> None:
         w: World = request.getfixturevalue("world")
         if not w.lab.timings.get("teardown"):
             w.lab.reset_nat()
-
-
-def payloads(sock: UdpSocket, timeout: float = SILENCE) -> set[str]:
-    return {data for _, data in sock.recv(timeout)}
 
 
 # --------------------------------------------------------------------------------------------

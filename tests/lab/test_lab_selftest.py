@@ -11,11 +11,8 @@ variants); probes (``probe.py`` agents) run inside the namespaces.  Observers:
 from __future__ import annotations
 
 import ipaddress
-import itertools
 import shutil
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -34,13 +31,9 @@ from tests.lab.netlab import (
     pair_spec,
 )
 from tests.lab.probe import Addr, Probe, UdpSocket
+from tests.lab.world import ECHO_PORT, SILENCE, EchoWorld, payloads
 
 pytestmark = pytest.mark.lab
-
-#: How long a packet that should *not* arrive is waited for.
-SILENCE = 0.5
-ECHO_PORT = 4000
-ECHO_PORT2 = 4001
 
 #: The host that stands for each NAT type (behind its own router, or public for ``none``).
 HOST_FOR: dict[NatType, str] = {
@@ -80,22 +73,7 @@ WORLD = LabSpec(
 )
 
 
-@dataclass
-class World:
-    lab: Lab
-    echo1: UdpSocket  # pub A1:4000
-    echo1b: UdpSocket  # pub A1:4001 (same address, other port)
-    echo1c: UdpSocket  # pub A2:4000 (same host, other address)
-    echo2: UdpSocket  # pub2 B:4000 (other host)
-    tcp_echo: Addr
-    probes: dict[str, Probe] = field(default_factory=dict)
-    ports: Iterator[int] = field(default_factory=lambda: itertools.count(20000, 7))
-
-    def probe(self, node: str) -> Probe:
-        if node not in self.probes:
-            self.probes[node] = Probe.start(self.lab, node)
-        return self.probes[node]
-
+class World(EchoWorld):
     def sock(self, node: str, port: int | None = None) -> UdpSocket:
         """A fresh UDP socket in ``node`` on a port no earlier test used."""
         return self.probe(node).udp(port=port if port is not None else next(self.ports))
@@ -108,28 +86,13 @@ class World:
         """A1:4000, A1:4001 (same address other port), B:4000 (other address)."""
         return [self.addr(self.echo1), self.addr(self.echo1b), self.addr(self.echo2)]
 
-    @staticmethod
-    def addr(s: UdpSocket) -> Addr:
-        return s.addr, s.port
-
 
 @pytest.fixture(scope="module")
 def world(module_lab_factory: LabFactory) -> World:
     lab = module_lab_factory(WORLD)
     a1, a2 = lab.host("pub").addresses
     b = lab.host("pub2").address
-    pub = Probe.start(lab, "pub")
-    pub2 = Probe.start(lab, "pub2")
-    w = World(
-        lab=lab,
-        echo1=pub.udp_echo(a1, ECHO_PORT),
-        echo1b=pub.udp_echo(a1, ECHO_PORT2),
-        echo1c=pub.udp_echo(a2, ECHO_PORT),
-        echo2=pub2.udp_echo(b, ECHO_PORT),
-        tcp_echo=(a1, pub.tcp_echo(a1, ECHO_PORT)),
-    )
-    w.probes.update(pub=pub, pub2=pub2)
-    return w
+    return World.start(lab, a1, a2, b, first_port=20000)
 
 
 @pytest.fixture(autouse=True)
@@ -139,10 +102,6 @@ def _fresh_nat_state(request: pytest.FixtureRequest) -> None:
         w: World = request.getfixturevalue("world")
         if not w.lab.timings.get("teardown"):
             w.lab.reset_nat()
-
-
-def payloads(sock: UdpSocket, timeout: float = SILENCE) -> set[str]:
-    return {data for _, data in sock.recv(timeout)}
 
 
 # --------------------------------------------------------------------------------------------
