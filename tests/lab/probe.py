@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -168,7 +169,10 @@ class _Agent:
                 with contextlib.suppress(OSError):
                     s.sendto(json.dumps(reply).encode(), src)
 
-    def op_tcp_echo(self, cmd: dict[str, Any]) -> dict[str, Any]:
+    def _tcp_listener(
+        self, cmd: dict[str, Any], serve: Callable[[socket.socket], None]
+    ) -> dict[str, Any]:
+        """A TCP listener served by ``serve`` in a thread (until the socket closes)."""
         bind = str(cmd.get("addr", "0.0.0.0"))
         s = _socket(bind, socket.SOCK_STREAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -176,9 +180,12 @@ class _Agent:
         s.listen(16)
         sid = self._add(s)
         self.echoing.add(sid)
-        threading.Thread(target=self._tcp_echo_loop, args=(s,), daemon=True).start()
+        threading.Thread(target=serve, args=(s,), daemon=True).start()
         addr, port = s.getsockname()[:2]
         return {"sock": sid, "addr": addr, "port": port}
+
+    def op_tcp_echo(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        return self._tcp_listener(cmd, self._tcp_echo_loop)
 
     @staticmethod
     def _tcp_echo_loop(s: socket.socket) -> None:
@@ -211,16 +218,7 @@ class _Agent:
 
     def op_tcp_sink(self, cmd: dict[str, Any]) -> dict[str, Any]:
         """A TCP listener that reads each connection to EOF and answers the byte count."""
-        bind = str(cmd.get("addr", "0.0.0.0"))
-        s = _socket(bind, socket.SOCK_STREAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind((bind, int(cmd.get("port", 0))))
-        s.listen(16)
-        sid = self._add(s)
-        self.echoing.add(sid)
-        threading.Thread(target=self._tcp_sink_loop, args=(s,), daemon=True).start()
-        addr, port = s.getsockname()[:2]
-        return {"sock": sid, "addr": addr, "port": port}
+        return self._tcp_listener(cmd, self._tcp_sink_loop)
 
     @staticmethod
     def _tcp_sink_loop(s: socket.socket) -> None:
