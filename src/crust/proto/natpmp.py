@@ -49,12 +49,17 @@ class ResultCode(enum.IntEnum):
     UNSUPPORTED_OPCODE = 5
 
 
-def result_name(code: int) -> str:
-    """A readable name for a result code (unknown codes are shown as numbers)."""
+def code_name(codes: type[enum.IntEnum], code: int) -> str:
+    """A readable name for a protocol's result code (unknown codes are shown as numbers)."""
     try:
-        return ResultCode(code).name
+        return codes(code).name
     except ValueError:
         return f"result {code}"
+
+
+def result_name(code: int) -> str:
+    """A readable name for a NAT-PMP result code."""
+    return code_name(ResultCode, code)
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,7 @@ import struct
 from dataclasses import dataclass
 
 from crust.errors import InvalidArgument, ProtocolError
-from crust.proto.natpmp import SERVER_PORT, check_protocol
+from crust.proto.natpmp import SERVER_PORT, check_protocol, code_name
 
 __all__ = [
     "MAX_MESSAGE",
@@ -82,10 +82,8 @@ class ResultCode(enum.IntEnum):
 
 
 def result_name(code: int) -> str:
-    try:
-        return ResultCode(code).name
-    except ValueError:
-        return f"result {code}"
+    """A readable name for a PCP result code."""
+    return code_name(ResultCode, code)
 
 
 @dataclass(frozen=True, slots=True)
