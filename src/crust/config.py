@@ -86,6 +86,16 @@ class Config:
     max_connections: int = 1024
     max_connections_per_ip: int = 64
     max_pending_handshakes: int = 256
+    relay_max_circuits: int = 64
+    """Relayed connections this node carries at once (``relay = true``)."""
+    relay_max_circuits_per_peer: int = 8
+    """Circuits one peer may have opened through this node at once."""
+    relay_max_bytes: int = 256 * MiB
+    """Bytes one circuit may carry (both directions together) before it is closed."""
+    relay_max_seconds: float = 3600.0
+    """Lifetime of one circuit."""
+    relay_rate: int = 4 * MiB
+    """Bytes per second one circuit may carry (token bucket)."""
     keylog_file: Path | None = None
 
     def __post_init__(self) -> None:
@@ -305,5 +315,10 @@ _CHECKS: dict[str, Any] = {
     "max_connections": _int_range(1, 1_000_000),
     "max_connections_per_ip": _int_range(1, 1_000_000),
     "max_pending_handshakes": _int_range(1, 1_000_000),
+    "relay_max_circuits": _int_range(0, 1_000_000),
+    "relay_max_circuits_per_peer": _int_range(1, 1_000_000),
+    "relay_max_bytes": _int_range(64 * 1024, 1 << 50),
+    "relay_max_seconds": _seconds(1.0, 86400 * 365),
+    "relay_rate": _int_range(64 * 1024, 1 << 40),
     "keylog_file": _path_or_none,
 }

@@ -38,6 +38,7 @@ from crust.events import (
 )
 from crust.identity import Identity, PeerId
 from crust.proto.punch import ConnectionInfo, PublicConnectionInfo
+from crust.proto.relay import RelayLimits
 from crust.proto.session import (
     Accepted,
     CloseCode,
@@ -211,7 +212,17 @@ class Service:
         await self._tg.__aenter__()
         self._running = True
         self._traversal = Traversal(self)
-        self._relay = Relay(self)
+        cfg = self.config
+        self._relay = Relay(
+            self,
+            RelayLimits(
+                max_circuits=cfg.relay_max_circuits,
+                max_circuits_per_peer=cfg.relay_max_circuits_per_peer,
+                max_bytes=cfg.relay_max_bytes,
+                max_seconds=cfg.relay_max_seconds,
+                rate=float(cfg.relay_rate),
+            ),
+        )
         self._reachability = Reachability(self)
         for text in self.config.listen:
             contact = Contact.parse(text, field="listen")

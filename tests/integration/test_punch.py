@@ -124,6 +124,18 @@ async def test_no_punch_and_no_relay_fails_with_every_reason(make: Callable[...,
     assert node.statistics().relay_refused == 1
 
 
+async def test_relay_limits_come_from_the_config(make: Callable[..., Any]) -> None:
+    node, wn = await make(listen=BOTH, relay_max_circuits=0)
+    a, _ = await make(listen=BOTH)
+    b, _ = await make(listen=BOTH, hole_punching=False)
+    await a.connect(node.contacts())
+    await b.connect(node.contacts())
+    await wn.count(PeerConnected, 2)
+    with pytest.raises(errors.HolePunchFailed, match="too many circuits"):
+        await a.connect(b.peer_id)
+    assert node.statistics().relay_refused == 1 and node.statistics().relay_circuits == 0
+
+
 async def test_hole_punching_off_with_no_contact_fails_fast(make: Callable[..., Any]) -> None:
     a, _ = await make(listen=BOTH, hole_punching=False)
     with pytest.raises(errors.ConnectError, match="no connected node"):

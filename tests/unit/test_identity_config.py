@@ -121,6 +121,11 @@ def test_contact_parse_any_text(text: str) -> None:
         ("quic_max_datagram_size", 1199),
         ("quic_max_datagram_size", 16_385),
         ("quic_max_datagram_size", "1350"),
+        ("relay_max_circuits", -1),
+        ("relay_max_circuits_per_peer", 0),
+        ("relay_max_bytes", 1024),
+        ("relay_max_seconds", 0.0),
+        ("relay_rate", 1.5),
     ],
 )
 def test_bad_config_names_the_field(field: str, value: object) -> None:
