@@ -32,12 +32,11 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-KiB = 1024
-MiB = 1024 * 1024
+from benchmarks.common import BulkPlan, KiB, MiB, size_name
+
 SIZES = (64 * KiB, MiB)
 PROTOCOL = "/crust-bench/bulk/1.0.0"
 BULK_TARGET_RATIO = 5.0
@@ -45,20 +44,9 @@ BULK_TARGET_RATIO = 5.0
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@dataclass(frozen=True)
-class Plan:
-    total_bytes: int
-    max_messages: int
-    repeats: int
-    timeout: float
-
-
+Plan = BulkPlan
 FULL = Plan(total_bytes=256 * MiB, max_messages=100_000, repeats=3, timeout=180.0)
 QUICK = Plan(total_bytes=32 * MiB, max_messages=30_000, repeats=1, timeout=60.0)
-
-
-def message_count(plan: Plan, size: int) -> int:
-    return max(1, min(plan.total_bytes // size, plan.max_messages))
 
 
 # ------------------------------------------------------------------------- worker processes
@@ -229,10 +217,6 @@ def bulk_once(size: int, count: int, timeout: float) -> dict[str, Any]:
     return {"seconds": seconds, "mb_per_s": total / seconds / 1e6, "bytes": total}
 
 
-def _size_name(size: int) -> str:
-    return f"{size // MiB} MiB" if size >= MiB else f"{size // KiB} KiB"
-
-
 def run(
     quick: bool,
     *,
@@ -250,22 +234,22 @@ def run(
     started = time.time()
     figures: list[dict[str, Any]] = []
     for size in SIZES:
-        count = message_count(plan, size)
+        count = plan.message_count(size)
         runs: list[dict[str, Any]] = []
         error: str | None = None
         try:
             for rep in range(plan.repeats):
-                say(f"bulk {_size_name(size)} x {count}: py-libp2p run {rep + 1}/{plan.repeats}")
+                say(f"bulk {size_name(size)} x {count}: py-libp2p run {rep + 1}/{plan.repeats}")
                 runs.append(bulk_once(size, count, plan.timeout))
                 say(f"    {runs[-1]['mb_per_s']:.1f} MB/s")
         except Exception as exc:
             error = str(exc)
-            say(f"bulk {_size_name(size)} failed: {exc}")
+            say(f"bulk {size_name(size)} failed: {exc}")
         value = sorted(r["mb_per_s"] for r in runs)[len(runs) // 2] if runs else None
         figures.append(
             {
                 "key": f"bulk_{size}_vs_libp2p",
-                "figure": f"bulk throughput, {_size_name(size)} messages, vs py-libp2p",
+                "figure": f"bulk throughput, {size_name(size)} messages, vs py-libp2p",
                 "unit": "MB/s",
                 "crust": None,
                 "baseline": value if error is None else None,

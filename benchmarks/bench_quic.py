@@ -67,6 +67,7 @@ from benchmarks import common
 from benchmarks.common import (
     SMALL,
     T0,
+    BulkPlan,
     Handler,
     KiB,
     MiB,
@@ -116,18 +117,13 @@ _LEN = struct.Struct(">I")
 
 
 @dataclass(frozen=True)
-class Plan:
-    """How much work each measurement does."""
+class Plan(BulkPlan):
+    """How much work each measurement does (beyond the bulk transfers)."""
 
-    total_bytes: int
-    max_messages: int
-    repeats: int
     connect_count: int
     connect_warmup: int
     cycles_count: int
     concurrency: int
-    timeout: float
-    """Seconds one measurement may take before it is abandoned."""
 
 
 FULL = Plan(
@@ -150,10 +146,6 @@ QUICK = Plan(
     concurrency=8,
     timeout=60.0,
 )
-
-
-def message_count(plan: Plan, size: int) -> int:
-    return max(1, min(plan.total_bytes // size, plan.max_messages))
 
 
 # =============================================================================== bare aioquic
@@ -711,7 +703,7 @@ def _bulk(
 ) -> list[dict[str, Any]]:
     """crust, bare aioquic and bare aioquic with crust's tuning, alternating; one figure
     against each baseline (and messages/s for the small size)."""
-    count = message_count(plan, size)
+    count = plan.message_count(size)
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in BULK_KINDS}
     for rep in range(plan.repeats):
         for kind in BULK_KINDS:

@@ -47,6 +47,7 @@ from benchmarks import common
 from benchmarks.common import (
     SMALL,
     T0,
+    BulkPlan,
     Handler,
     KiB,
     MiB,
@@ -79,18 +80,13 @@ _LEN = struct.Struct(">I")
 
 
 @dataclass(frozen=True)
-class Plan:
-    """How much work each measurement does."""
+class Plan(BulkPlan):
+    """How much work each measurement does (beyond the bulk transfers)."""
 
-    total_bytes: int
-    max_messages: int
-    repeats: int
     latency_count: int
     latency_warmup: int
     cycles_count: int
     concurrency: int
-    timeout: float
-    """Seconds one measurement may take before it is abandoned."""
 
 
 FULL = Plan(
@@ -113,10 +109,6 @@ QUICK = Plan(
     concurrency=8,
     timeout=60.0,
 )
-
-
-def message_count(plan: Plan, size: int) -> int:
-    return max(1, min(plan.total_bytes // size, plan.max_messages))
 
 
 # =============================================================================== plain asyncio
@@ -444,7 +436,7 @@ HANDLERS: dict[str, Handler] = {
 def _bulk(
     pair: WorkerPair, plan: Plan, size: int, progress: Callable[[str], None]
 ) -> list[dict[str, Any]]:
-    count = message_count(plan, size)
+    count = plan.message_count(size)
     runs: dict[str, list[dict[str, Any]]] = {"crust": [], "plain": []}
     for rep in range(plan.repeats):
         for kind in ("crust", "plain"):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import importlib
 import json
 import multiprocessing
@@ -367,6 +368,25 @@ class WorkerPair:
             self.stop()
             raise
         return received, sent
+
+
+# =============================================================================== plans
+
+
+@dataclasses.dataclass(frozen=True)
+class BulkPlan:
+    """How much a suite's bulk transfers carry (suites extend it with their own fields)."""
+
+    total_bytes: int
+    """Payload bytes per bulk transfer, at most ..."""
+    max_messages: int
+    """... and at most this many messages."""
+    repeats: int
+    timeout: float
+    """Seconds one measurement may take before it is abandoned."""
+
+    def message_count(self, size: int) -> int:
+        return max(1, min(self.total_bytes // size, self.max_messages))
 
 
 # =============================================================================== figures
