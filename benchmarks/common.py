@@ -104,11 +104,18 @@ def crust_contact(svc: crust.Service, cmd: dict[str, Any]) -> str:
 
 
 async def crust_bulk_recv(cmd: dict[str, Any], pipe: Pipe) -> dict[str, Any]:
+    """Receive ``count`` messages; with ``cmd["relay"]`` (a node's contact) have no listener,
+    connect to that node and report the peer id instead of an address."""
     count: int = cmd["count"]
     got = nbytes = 0
     t_first = t_last = 0.0
-    async with crust.Service(crust_config(cmd, True)) as svc:
-        pipe.send({"addr": crust_contact(svc, cmd)})
+    relay: str | None = cmd.get("relay")
+    async with crust.Service(crust_config(cmd, relay is None)) as svc:
+        if relay is None:
+            pipe.send({"addr": crust_contact(svc, cmd)})
+        else:  # reachable only through the relay node: the sender dials our peer id
+            await svc.connect(relay)
+            pipe.send({"addr": str(svc.peer_id)})
         cpu0 = time.process_time()
         async for ev in svc.events():
             if isinstance(ev, MessageReceived):
@@ -133,9 +140,17 @@ async def crust_bulk_recv(cmd: dict[str, Any], pipe: Pipe) -> dict[str, Any]:
 async def crust_bulk_send(cmd: dict[str, Any], pipe: Pipe) -> dict[str, Any]:
     count: int = cmd["count"]
     payload = os.urandom(cmd["size"])
+    relay: str | None = cmd.get("relay")
     async with crust.Service(crust_config(cmd, False)) as svc:
         events = svc.events()
-        peer = await svc.connect(cmd["addr"])
+        if relay is None:
+            peer = await svc.connect(cmd["addr"])
+        else:
+            await svc.connect(relay)
+            peer = await svc.connect(crust.PeerId.parse(cmd["addr"]))
+            path = svc.connection(peer).path
+            if path != "relayed":
+                raise RuntimeError(f"expected a relayed connection, got {path!r}")
         send = svc.send
         cpu0 = time.process_time()
         t_start = clock()

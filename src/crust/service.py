@@ -246,22 +246,14 @@ class Service:
             server.close()
         if self._traversal is not None:
             self._traversal.close()
-        if self._relay is not None:
-            self._relay.close()
         if self._discovery is not None:
             self._discovery.close()
-        conns = list(self._conns)
-        for conn in conns:
-            conn.close(CloseCode.SHUTDOWN, "service closing")
-        if conns:
-            waiters = [self._closed_future(c) for c in conns if not c.closed]
-            if waiters:
-                _, pending = await asyncio.wait(waiters, timeout=1.0)
-                for fut in pending:
-                    fut.cancel()
-            for conn in conns:
-                if not conn.closed and conn.transport is not None:
-                    conn.transport.abort()
+        # relayed connections first: their clean close travels over the connections to
+        # their nodes, which must still be open
+        await self._close_connections([c for c in self._conns if c.path == "relayed"], 0.5)
+        if self._relay is not None:
+            self._relay.close()
+        await self._close_connections(list(self._conns), 1.0)
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1.0)
@@ -279,6 +271,20 @@ class Service:
         self._events.close()
         if self._keylog is not None:
             self._keylog.close()
+
+    async def _close_connections(self, conns: list[Connection], timeout: float) -> None:
+        """Close ``conns`` cleanly (queued messages first), aborting what is still open after
+        ``timeout`` seconds."""
+        for conn in conns:
+            conn.close(CloseCode.SHUTDOWN, "service closing")
+        waiters = [self._closed_future(c) for c in conns if not c.closed]
+        if waiters:
+            _, pending = await asyncio.wait(waiters, timeout=timeout)
+            for fut in pending:
+                fut.cancel()
+        for conn in conns:
+            if not conn.closed and conn.transport is not None:
+                conn.transport.abort()
 
     def _closed_future(self, conn: Connection) -> asyncio.Future[None]:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()

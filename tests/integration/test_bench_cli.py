@@ -51,13 +51,13 @@ def run_bench(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.timeout(120)
 def test_bench_smoke_json_shape(tmp_path: Path) -> None:
-    proc = run_bench(tmp_path, "--quick", "--smoke", "--json", "--suites", "tcp,quic,libp2p")
+    proc = run_bench(tmp_path, "--quick", "--smoke", "--json", "--suites", "tcp,quic,libp2p,relay")
     assert proc.returncode == 0, proc.stderr[-3000:]
     out: dict[str, Any] = json.loads(proc.stdout)
     assert out["benchmark"] == "crust bench"
     assert out["mode"] == "smoke"
     assert Path(out["source"]) == ROOT
-    assert set(out["suites"]) == {"tcp", "quic", "libp2p"}
+    assert set(out["suites"]) == {"tcp", "quic", "libp2p", "relay"}
     tcp = out["suites"]["tcp"]
     assert "skipped" not in tcp and "error" not in tcp
     for name, suite in out["suites"].items():
@@ -71,6 +71,10 @@ def test_bench_smoke_json_shape(tmp_path: Path) -> None:
         assert f"bulk_{size}" in keys
     assert {"small_msgs", "connect_first_msg_p50", "connect_first_msg_p99"} <= keys
     assert "connections_concurrent" in keys
+    relay = out["suites"]["relay"]
+    assert "skipped" not in relay and "error" not in relay
+    relay_keys = {f["key"] for f in out["figures"] if f["suite"] == "relay"}
+    assert relay_keys == {f"relay_bulk_{size}" for size in (1024, 65536, 1048576)}
     bulk_64 = next(f for f in out["figures"] if f["key"] == "bulk_64")
     for who in ("crust", "baseline"):
         rates = bulk_64["rates"][who]

@@ -124,6 +124,30 @@ async def test_no_punch_and_no_relay_fails_with_every_reason(make: Callable[...,
     assert node.statistics().relay_refused == 1
 
 
+@pytest.mark.parametrize("listen", [TCP, QUIC], ids=["tcp", "quic"])
+async def test_closing_a_relayed_peer_delivers_its_last_messages(
+    make: Callable[..., Any], listen: Any
+) -> None:
+    """A service closing ends its relayed connections cleanly before the connection to the
+    node they travel over: the last messages arrive, and the other end learns at once (its
+    heartbeat timeout is far longer than the wait)."""
+    node, wn = await make(listen=listen)
+    a, wa = await make(listen=(), hole_punching=False, heartbeat_timeout=120.0)
+    b, _ = await make(listen=(), hole_punching=False, heartbeat_timeout=120.0)
+    await a.connect(node.contacts())
+    await b.connect(node.contacts())
+    await wn.count(PeerConnected, 2)
+    assert await b.connect(a.peer_id) == a.peer_id
+    assert b.connection(a.peer_id).path == "relayed"
+    for i in range(50):
+        await b.send(a.peer_id, b"last %d" % i)
+    await b.aclose()
+    got = await wa.messages(50)
+    assert [m.data for m in got] == [b"last %d" % i for i in range(50)]
+    lost = await wa.wait(PeerLost, lambda e: e.peer == b.peer_id, timeout=10.0)
+    assert lost.peer == b.peer_id
+
+
 async def test_relay_limits_come_from_the_config(make: Callable[..., Any]) -> None:
     node, wn = await make(listen=BOTH, relay_max_circuits=0)
     a, _ = await make(listen=BOTH)

@@ -34,6 +34,7 @@ SUITES: dict[str, str] = {
     "tcp": "benchmarks.bench_tcp",
     "quic": "benchmarks.bench_quic",
     "libp2p": "benchmarks.bench_libp2p",
+    "relay": "benchmarks.bench_relay",
 }
 """Suite name -> module in the checkout's ``benchmarks`` package."""
 
@@ -41,6 +42,7 @@ BASELINE_NAMES = {
     "tcp": "plain asyncio TCP",
     "quic": "bare aioquic",
     "libp2p": "py-libp2p noise+yamux",
+    "relay": "crust direct TCP",
 }
 
 SMOKE_PLAN: dict[str, int] = {
@@ -172,7 +174,7 @@ def run_suites(
     }
 
 
-BASELINE_RUNS = {"tcp": "plain", "quic": "bare"}
+BASELINE_RUNS = {"tcp": "plain", "quic": "bare", "relay": "direct"}
 """The key of the baseline's runs in a suite's bulk figure details."""
 
 
