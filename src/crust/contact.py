@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass, field
 
@@ -31,6 +32,10 @@ class Contact:
         """Parse a contact string; ConfigError naming the bad part when malformed."""
         if not isinstance(text, str):
             raise ConfigError(f"a contact is a string, not {type(text).__name__}", field)
+        return _parse_cached(text, field)
+
+    @staticmethod
+    def _parse(text: str, field: str) -> Contact:
         if len(text) > MAX_CONTACT_LEN:
             raise ConfigError("contact too long", field)
         scheme, sep, rest = text.partition("://")
@@ -64,7 +69,7 @@ class Contact:
             _check_host(host, text, field)
         if not port_text.isdigit() or len(port_text) > 5 or int(port_text) > 65535:
             raise ConfigError(f"{text!r}: bad port {port_text!r}", field)
-        return cls(scheme, host, int(port_text), peer_id)
+        return Contact(scheme, host, int(port_text), peer_id)
 
     @classmethod
     def from_address(
@@ -138,3 +143,10 @@ def expand_wildcard(host: str) -> list[str]:
                 continue
             (loopback if parsed.is_loopback else found).append(str(parsed))
     return found + loopback
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_cached(text: str, field: str) -> Contact:
+    """Contacts are immutable and the service parses the same few over and over (every
+    handshake, introduction and gossip round): parse each text once."""
+    return Contact._parse(text, field)

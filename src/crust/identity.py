@@ -29,13 +29,14 @@ class PeerId:
     Text form: lowercase base32 without padding (52 characters). PeerIds order by their bytes.
     """
 
-    __slots__ = ("_bytes", "_hash")
+    __slots__ = ("_bytes", "_hash", "_text")
 
     def __init__(self, raw: bytes) -> None:
         if not isinstance(raw, bytes | bytearray) or len(raw) != PEER_ID_LEN:
             raise ConfigError(f"a peer id is {PEER_ID_LEN} bytes", field="peer_id")
         self._bytes = bytes(raw)
         self._hash = hash(self._bytes)
+        self._text: str | None = None
 
     @classmethod
     def parse(cls, text: str) -> PeerId:
@@ -54,7 +55,10 @@ class PeerId:
         return self._bytes
 
     def __str__(self) -> str:
-        return base64.b32encode(self._bytes).decode("ascii").rstrip("=").lower()
+        text = self._text
+        if text is None:  # computed once: logs, contacts and events all print peer ids
+            text = self._text = base64.b32encode(self._bytes).decode("ascii").rstrip("=").lower()
+        return text
 
     def __repr__(self) -> str:
         return f"PeerId({str(self)[:12]}…)"
