@@ -686,7 +686,7 @@ class Session:
             raise ProtocolError("fragment without a first fragment")
         if part.filled + n > len(part.buf):
             raise ProtocolError("fragments longer than the message")
-        part.buf[part.filled : part.filled + n] = plain[pos : pos + n]
+        part.buf[part.filled : part.filled + n] = self._plain_view[pos : pos + n]
         part.filled += n
         if kind == Kind.LAST:
             if part.filled != len(part.buf):
@@ -852,7 +852,7 @@ class Session:
                     )
                     U32.pack_into(plain, pos + FRAME_HEADER_LEN, len(data))
                     pos += FRAME_HEADER_LEN + 4
-                    plain[pos : pos + chunk] = data[:chunk]
+                    plain[pos : pos + chunk] = memoryview(data)[:chunk]
                     pos += chunk
                     msg.offset = chunk
                     self._partial_out += len(data)
@@ -861,7 +861,7 @@ class Session:
                 last = chunk == remaining
                 pack(plain, pos, Kind.LAST if last else Kind.MORE, msg.priority, chunk)
                 pos += FRAME_HEADER_LEN
-                plain[pos : pos + chunk] = data[msg.offset : msg.offset + chunk]
+                plain[pos : pos + chunk] = memoryview(data)[msg.offset : msg.offset + chunk]
                 pos += chunk
                 if last:
                     self._partial_out -= len(data)
