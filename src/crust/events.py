@@ -66,6 +66,27 @@ class MessageReceived(Event):
     :func:`crust.signing.verify_proof`."""
 
 
+_new = object.__new__
+_set_peer = MessageReceived.__dict__["peer"].__set__
+_set_data = MessageReceived.__dict__["data"].__set__
+_set_priority = MessageReceived.__dict__["priority"].__set__
+_set_signature = MessageReceived.__dict__["signature"].__set__
+_set_proof = MessageReceived.__dict__["proof"].__set__
+
+
+def message_received(peer: PeerId, data: bytes, priority: int) -> MessageReceived:
+    """``MessageReceived(peer, data, priority)`` for the receive path: the same frozen event,
+    built through its slots directly (a frozen dataclass's ``__init__`` goes through
+    ``object.__setattr__`` per field, which was half the cost of receiving a small message)."""
+    ev = _new(MessageReceived)
+    _set_peer(ev, peer)
+    _set_data(ev, data)
+    _set_priority(ev, priority)
+    _set_signature(ev, None)
+    _set_proof(ev, None)
+    return ev
+
+
 @dataclass(frozen=True, slots=True)
 class ConnectFailed(Event):
     target: str

@@ -50,7 +50,7 @@ from crust.errors import (
     ProtocolError,
     VersionMismatch,
 )
-from crust.events import MessageReceived
+from crust.events import MessageReceived, message_received
 from crust.identity import Identity, PeerId
 from crust.proto.noise import TAG_LEN, CipherState, HandshakeState, TransportKeys
 from crust.signing import SIGNED_HEADER, SIGNED_HEADER_LEN, SignedMessage, signing_input
@@ -93,6 +93,14 @@ class Kind(enum.IntEnum):
     SELECT = 33
     ACCEPT = 34
     CONTROL = 48
+
+
+# plain ints for the per-frame loops (an IntEnum attribute lookup and comparison cost more)
+_MSG = int(Kind.MSG)
+_SMSG = int(Kind.SMSG)
+_FIRST = int(Kind.FIRST)
+_LAST = int(Kind.LAST)
+_SFIRST = int(Kind.SFIRST)
 
 
 class CloseCode(enum.IntEnum):
@@ -637,6 +645,8 @@ class Session:
         peer = self.peer_id
         assert peer is not None
         unpack = FRAME_HEADER.unpack_from
+        view = self._plain_view
+        max_size = self.params.max_message_size
         while pos < size:
             if size - pos < FRAME_HEADER_LEN:
                 raise ProtocolError("truncated frame header")
@@ -644,15 +654,15 @@ class Session:
             pos += FRAME_HEADER_LEN
             if n > size - pos:
                 raise ProtocolError("frame longer than its record")
-            if kind == Kind.MSG:
-                if n > self.params.max_message_size:
+            if kind == _MSG:
+                if n > max_size:
                     raise ProtocolError("incoming message larger than max_message_size")
                 if self.state is not State.CLOSED:  # also while closing: nothing is lost
-                    events.append(MessageReceived(peer, bytes(plain[pos : pos + n]), prio))
+                    events.append(message_received(peer, view[pos : pos + n].tobytes(), prio))
                     self.messages_received += 1
-            elif Kind.FIRST <= kind <= Kind.LAST or kind == Kind.SFIRST:
+            elif _FIRST <= kind <= _LAST or kind == _SFIRST:
                 self._fragment(kind, prio, pos, n)
-            elif kind == Kind.SMSG:
+            elif kind == _SMSG:
                 if n < SIGNED_HEADER_LEN:
                     raise ProtocolError("signed message shorter than its signature")
                 if n - SIGNED_HEADER_LEN > self.params.max_message_size:
@@ -699,7 +709,7 @@ class Session:
                 self._signed_received(bytes(part.buf), prio, part.replayed)
                 return
             assert self.peer_id is not None
-            self.events.append(MessageReceived(self.peer_id, bytes(part.buf), prio))
+            self.events.append(message_received(self.peer_id, bytes(part.buf), prio))
             self.messages_received += 1
 
     def _check_sequence(self, pos: int) -> bool:
@@ -823,19 +833,31 @@ class Session:
                 del self._control[0]
                 if kind == Kind.CLOSE:
                     self._active.clear()
-            while self._active and MAX_PLAINTEXT - pos > FRAME_HEADER_LEN + 4:
-                msg = self._pick()
+            active = self._active
+            queues = self._queues
+            while active and MAX_PLAINTEXT - pos > FRAME_HEADER_LEN + 4:
+                if self._partial_out < PREEMPT_LIMIT:
+                    q = queues[active[0]]
+                    msg = q[0]
+                else:
+                    msg = self._pick()
+                    q = queues[msg.priority]
                 if msg.signed and not msg.sealed:
                     self._seal(msg)
                 data = msg.data
                 remaining = len(data) - msg.offset
                 room = MAX_PLAINTEXT - pos - FRAME_HEADER_LEN
                 if msg.offset == 0 and remaining <= room:
-                    pack(plain, pos, Kind.SMSG if msg.signed else Kind.MSG, msg.priority, remaining)
+                    pack(plain, pos, _SMSG if msg.signed else _MSG, msg.priority, remaining)
                     pos += FRAME_HEADER_LEN
                     plain[pos : pos + remaining] = data
                     pos += remaining
-                    self._pop(msg)
+                    # the message is done (what _pop does, inline: this loop is per message)
+                    q.popleft()
+                    self.queued_bytes -= remaining
+                    self.messages_sent += 1
+                    if not q:
+                        active.remove(msg.priority)
                     continue
                 if msg.offset == 0:
                     if remaining <= SMALL_MESSAGE and pos > 0:
