@@ -37,6 +37,7 @@ from crust.events import ExternalAddressChanged
 from crust.identity import PeerId
 from crust.proto import predict as pr
 from crust.proto import punch as pp
+from crust.proto import session as sp
 from crust.types import EndpointPair
 
 if TYPE_CHECKING:
@@ -56,6 +57,9 @@ NODES_TRIED = 3
 SYNC_WAIT = 10.0
 MAX_PROMOTED = 16
 """Birthday sockets kept as QUIC endpoints; beyond this, idle ones are closed."""
+UNPREDICTABLE_FOR = 300.0
+"""After a TCP allocation measurement found nothing to predict, do not measure again for this
+long (each measurement costs the node three small connections)."""
 UPGRADE_DELAYS = (5.0, 30.0, 120.0, 600.0)
 """Seconds before each attempt to replace a relayed connection by a punched one."""
 """How long the introduced side waits for ``sync`` after its ``ack``."""
@@ -150,6 +154,7 @@ class Traversal:
         self.prediction_count = cfg.port_prediction
         self.allocation: dict[str, tuple[str, pr.Allocation] | None] = {"tcp": None, "quic": None}
         """Per protocol: our external IP and the sequential allocation last measured."""
+        self._tcp_unpredictable_until = 0.0
         self._promoted: list[UdpMux] = []
         """Birthday sockets that carried a punch, now serving their QUIC connection."""
         self._by_token: dict[bytes, _Punch] = {}
@@ -413,6 +418,80 @@ class Traversal:
         finally:
             sock.close()
 
+    async def _measure_tcp_allocation(self, via: PeerId) -> None:
+        """Port prediction over TCP: a few new connections to the node's TCP listener in
+        quick succession (address echo: the node only reports the address it sees), and
+        whether their external ports follow a fixed step.  A NAT that keeps the local port
+        (or reports ours) needs no prediction: the listening port is the guess already."""
+        now = self._loop.time()
+        self.allocation["tcp"] = None
+        if (
+            not self.prediction_count
+            or self.symmetric is False
+            or now < self._tcp_unpredictable_until
+            or not self.svc._servers
+        ):
+            return
+        servers: list[Address] = []
+        for text in self.svc._known.get(via, []):
+            c = Contact.parse(text)
+            if c.scheme == "tcp" and c.is_ip and not ipaddress.ip_address(c.host).is_loopback:
+                servers.append((c.host, c.port))
+        if not servers:
+            return
+        samples: list[pr.PortSample] = []
+        host = None
+        for i in range(pr.MIN_SAMPLES):
+            try:
+                local_port, seen = await self._tcp_echo(servers[i % len(servers)])
+            except (TimeoutError, OSError, errors.ProtocolError):
+                return
+            if seen[1] == local_port or (host is not None and seen[0] != host):
+                self._tcp_unpredictable_until = now + UNPREDICTABLE_FOR
+                return
+            host = seen[0]
+            samples.append(pr.PortSample(seen[1], self._loop.time()))
+        allocation = pr.measure(samples)
+        self.counters["allocations_measured"] += 1
+        log.info(
+            "TCP port allocation %s: %s",
+            [s.port for s in samples],
+            f"sequential, step {allocation.delta}" if allocation else "not predictable",
+        )
+        if allocation is None or host is None:
+            self._tcp_unpredictable_until = now + UNPREDICTABLE_FOR
+            return
+        self.allocation["tcp"] = (host, allocation)
+
+    async def _tcp_echo(
+        self, server: Address, timeout: float = ECHO_TIMEOUT
+    ) -> tuple[int, Address]:
+        """(our local port, the address the node sees) of one new TCP connection."""
+        sock = socket.socket(socket.AF_INET6 if ":" in server[0] else socket.AF_INET)
+        try:
+            sock.setblocking(False)
+            async with asyncio.timeout(timeout):
+                await self._loop.sock_connect(sock, server)
+                local_port = int(sock.getsockname()[1])
+                await self._loop.sock_sendall(sock, sp.echo_request(self.svc.config.network_name))
+                reply = b""
+                while True:
+                    chunk = await self._loop.sock_recv(sock, sp.ECHO_REPLY_MAX + 1 - len(reply))
+                    if not chunk:
+                        raise errors.ProtocolError("connection closed before the address echo")
+                    reply += chunk
+                    seen = sp.parse_echo_reply(reply)
+                    if seen is not None:
+                        return local_port, seen
+        finally:
+            sock.close()
+
+    async def _learn_for_punch(self, via: PeerId) -> None:
+        """Right before an intro / ack: our mappings, and (behind a symmetric NAT) the port
+        allocation to predict from."""
+        await self.learn_udp_mapping(via, measure=True)
+        await self._measure_tcp_allocation(via)
+
     def predictions(self) -> list[str]:
         """Contacts where our next mappings will likely be (port prediction), from a fresh
         measurement; empty when there is none (no symmetric NAT, random allocation)."""
@@ -533,7 +612,7 @@ class Traversal:
         self._register(punch, nonce)
         try:
             if node.peer_id is not None:
-                await self.learn_udp_mapping(node.peer_id, measure=True)
+                await self._learn_for_punch(node.peer_id)
             loopback = _is_loopback(node.remote)
             ack: dict[str, Any] = {
                 "k": "ack",
@@ -656,7 +735,7 @@ class Traversal:
         fut: asyncio.Future[dict[str, Any]] = self._loop.create_future()
         self._intro_waiters[ref] = fut
         try:
-            await self.learn_udp_mapping(node_id, measure=True)
+            await self._learn_for_punch(node_id)
             cands = self.candidates(loopback=_is_loopback(node.remote))
             intro: dict[str, Any] = {
                 "k": "intro",
@@ -997,8 +1076,8 @@ class Traversal:
     async def prepare(self) -> pp.ConnectionInfo:
         nodes = [p for p, c in self.svc._active.items() if not c.closed]
         for node in nodes[:NODES_TRIED]:
-            await self.learn_udp_mapping(node, measure=True)
-            if self._external.get("quic") or self.symmetric:
+            await self._learn_for_punch(node)
+            if self._external.get("quic") or self.symmetric or self.allocation["tcp"]:
                 break
         public = pp.PublicConnectionInfo(
             self.svc.peer_id,

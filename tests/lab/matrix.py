@@ -30,7 +30,7 @@ from tests.lab.netlab import Lab, NatType, pair_spec
 from tests.nodeproc import NodeProcess
 
 CONE_TYPES: tuple[NatType, ...] = ("none", "full-cone", "restricted", "port-restricted")
-ALL_TYPES: tuple[NatType, ...] = (*CONE_TYPES, "symmetric")
+ALL_TYPES: tuple[NatType, ...] = (*CONE_TYPES, "symmetric", "symmetric-sequential")
 SCHEMES = ("tcp", "quic")
 PUB_PORT = 7000
 TRIAL_TIMEOUT = 30.0
