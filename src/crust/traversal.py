@@ -174,7 +174,7 @@ class Traversal:
             "echo_replies": 0,
             "punch_datagrams_dropped": 0,
             "allocations_measured": 0,
-            "predictions_advertised": 0,
+            "port_predictions": 0,
         }
 
     # ================================================================ address discovery
@@ -655,7 +655,7 @@ class Traversal:
         if predicted:
             message["p"] = predicted
             punch.advertised_quic = any(p.startswith("quic://") for p in predicted)
-            self.counters["predictions_advertised"] += 1
+            self.counters["port_predictions"] += 1
             log.info("punch to %s: predicted %s", punch.peer.short(), predicted)
 
     def _set_remote(self, punch: _Punch, cands: Any, obs: Any, predicted: Any = None) -> None:
@@ -1085,6 +1085,8 @@ class Traversal:
             os.urandom(pp.TOKEN_LEN),
             tuple(self.predictions()),
         )
+        if public.predicted:
+            self.counters["port_predictions"] += 1
         return pp.ConnectionInfo(public, self._loop.time())
 
     async def connect_with_info(

@@ -240,6 +240,7 @@ async def test_predictions_travel_in_connection_info_and_only_while_fresh(
         f"quic://198.18.0.10:{20006 + 2 * i}" for i in range(a.config.port_prediction)
     )
     assert PublicConnectionInfo.from_bytes(info.public.to_bytes()) == info.public
+    assert a.statistics().port_predictions == 1
     tr.allocation["quic"] = ("198.18.0.10", Allocation(delta=2, last=20004, at=now - 60, samples=3))
     assert tr.predictions() == []  # too old: the counter has moved on
     b, _ = await make(listen=BOTH, port_prediction=0)
