@@ -30,6 +30,7 @@ from tests.nodeproc import CLI
 pytestmark = pytest.mark.lab
 
 TRIALS = int(os.environ.get("CRUST_LAB_TRIALS", "5"))
+SEQUENTIAL: NatType = "symmetric-sequential"
 
 
 @pytest.mark.parametrize(("nat_a", "nat_b"), pairs(CONE_TYPES), ids=lambda n: str(n))
@@ -61,9 +62,6 @@ def test_symmetric_pairs_connect_by_birthday_probing_or_relay(
             assert r.path == "punched", r
         else:
             assert r.path in ("punched", "relayed"), r
-
-
-SEQUENTIAL: NatType = "symmetric-sequential"
 
 
 def _no_birthday(tmp_path: Path, **extra: int) -> list[str]:
@@ -156,7 +154,9 @@ def test_external_quic_address_is_learnt_and_reported(
         assert any(c.startswith(ev["endpoint"] + "#") for c in eps["contacts"])
 
 
-@pytest.mark.parametrize("nat", ["none", "full-cone", "restricted", "port-restricted", "symmetric"])
+@pytest.mark.parametrize(
+    "nat", ["none", "full-cone", "restricted", "port-restricted", "symmetric", SEQUENTIAL]
+)
 def test_netcheck_reports_the_nat_the_lab_built(
     module_lab_factory: LabFactory, tmp_path: Path, nat: NatType
 ) -> None:
@@ -170,7 +170,10 @@ def test_netcheck_reports_the_nat_the_lab_built(
         timeout=60,
     )
     report = json.loads(out.stdout)
-    assert report["nat_type"] == nat, report
+    assert report["nat_type"] == ("symmetric" if nat == SEQUENTIAL else nat), report
+    if nat == SEQUENTIAL:  # and its next ports can be predicted
+        assert report["port_allocation"] == "sequential", report
+        assert report["classification"]["port_delta"] == 1, report
     assert report["udp"] is True
     wan = lab.router("ra").wan_address if nat != "none" else lab.host("a").address
     assert any(e.split("://")[-1].startswith(f"{wan}:") for e in report["external"]), report
