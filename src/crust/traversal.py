@@ -57,6 +57,9 @@ NODES_TRIED = 3
 SYNC_WAIT = 10.0
 MAX_PROMOTED = 16
 """Birthday sockets kept as QUIC endpoints; beyond this, idle ones are closed."""
+MEASURE_RATE = (1.0, 4.0)
+"""Allocation measurements (before a punch) per second, burst: each costs the node a few echoes,
+and another peer's introductions could otherwise make us measure for every one."""
 UNPREDICTABLE_FOR = 300.0
 """After a TCP allocation measurement found nothing to predict, do not measure again for this
 long (each measurement costs the node three small connections)."""
@@ -155,6 +158,7 @@ class Traversal:
         self.allocation: dict[str, tuple[str, pr.Allocation] | None] = {"tcp": None, "quic": None}
         """Per protocol: our external IP and the sequential allocation last measured."""
         self._tcp_unpredictable_until = 0.0
+        self._measurements = TokenBucket(*MEASURE_RATE, now=now)
         self._promoted: list[UdpMux] = []
         """Birthday sockets that carried a punch, now serving their QUIC connection."""
         self._by_token: dict[bytes, _Punch] = {}
@@ -488,9 +492,13 @@ class Traversal:
 
     async def _learn_for_punch(self, via: PeerId) -> None:
         """Right before an intro / ack: our mappings, and (behind a symmetric NAT) the port
-        allocation to predict from."""
-        await self.learn_udp_mapping(via, measure=True)
-        await self._measure_tcp_allocation(via)
+        allocation to predict from (rate-limited; an earlier measurement is never reused:
+        the punch it was made for has used its ports)."""
+        self.allocation = {"tcp": None, "quic": None}
+        measure = bool(self.prediction_count) and self._measurements.take(self._loop.time())
+        await self.learn_udp_mapping(via, measure=measure)
+        if measure:
+            await self._measure_tcp_allocation(via)
 
     def predictions(self) -> list[str]:
         """Contacts where our next mappings will likely be (port prediction), from a fresh
