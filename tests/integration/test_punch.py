@@ -277,3 +277,36 @@ async def test_predicted_addresses_must_be_on_a_known_address_of_the_peer(
         assert punch.plan is not None and list(punch.plan.predicted) == [("198.18.0.10", 20001)]
     finally:
         a._traversal._unregister(punch)
+
+
+@pytest.mark.parametrize("predicted", [False, True], ids=["random", "sequential"])
+async def test_birthday_probing_waits_one_round_when_ports_were_predicted(
+    make: Callable[..., Any], predicted: bool
+) -> None:
+    """Prediction first: with predictions exchanged, the birthday sockets (symmetric side)
+    and the spray (other side) start after the first round; without, at once."""
+    from crust.proto.punch import PunchParams
+    from crust.traversal import _Punch
+
+    a, _ = await make(listen=BOTH)
+    tr = a._traversal
+    at = asyncio.get_running_loop().time() + 60  # never reached: only the schedule is looked at
+    later = at + PunchParams().round_duration if predicted else at
+    for symmetric in (True, False):
+        tr.symmetric = symmetric
+        punch = _Punch(crust.Identity.generate().peer_id, bytes(16), outbound=True)
+        punch.peer_symmetric = not symmetric
+        punch.remote_quic = [("198.18.0.11", 7100)]
+        if predicted and symmetric:
+            punch.advertised_quic = True
+        if predicted and not symmetric:
+            punch.predicted_quic = [("198.18.0.11", 20001)]
+        tr._register(punch, bytes([1] * 16))
+        try:
+            tr._start(punch, at)
+            if symmetric:
+                assert punch.prime_at == later and punch.sockets == []
+            else:
+                assert punch.spray is not None and punch.spray.start == later
+        finally:
+            tr._unregister(punch)
