@@ -74,6 +74,9 @@ class Config:
     """Symmetric NATs: extra UDP sockets opened for birthday probing (0: never)."""
     birthday_probes: int = 2500
     """Symmetric NATs: probes sent to random ports of the other side (paced at 1000/s)."""
+    port_prediction: int = 8
+    """Symmetric NATs with sequential port allocation: ports of our next mappings predicted
+    and advertised to the other side of a punch (0: never; at most 16)."""
     punch_delay: float = 1.0
     """``connect(peer_id)``: start a hole punch this long after direct attempts began (at once
     when there is no known contact or they all failed)."""
@@ -309,6 +312,7 @@ _CHECKS: dict[str, Any] = {
     "punch_delay": _seconds(0.0, 60),
     "birthday_sockets": _int_range(0, 1024),
     "birthday_probes": _int_range(0, 64512),
+    "port_prediction": _int_range(0, 16),
     "duplicate_probe_timeout": _seconds(0.01, 600),
     "send_queue_size": _int_range(64 * 1024, 64 * 1024 * MiB),
     "event_queue_size": _int_range(16, 10_000_000),

@@ -1528,6 +1528,7 @@ class Service:
             "punch_failures",
             "introductions_forwarded",
             "introductions_refused",
+            "port_predictions",
         )
         out = {name: t[name] for name in names}
         if self._relay is not None:

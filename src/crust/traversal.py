@@ -35,7 +35,9 @@ from crust.aio.udp_mux import Address, UdpMux
 from crust.contact import Contact, expand_wildcard
 from crust.events import ExternalAddressChanged
 from crust.identity import PeerId
+from crust.proto import predict as pr
 from crust.proto import punch as pp
+from crust.proto import session as sp
 from crust.types import EndpointPair
 
 if TYPE_CHECKING:
@@ -55,6 +57,12 @@ NODES_TRIED = 3
 SYNC_WAIT = 10.0
 MAX_PROMOTED = 16
 """Birthday sockets kept as QUIC endpoints; beyond this, idle ones are closed."""
+MEASURE_RATE = (1.0, 4.0)
+"""Allocation measurements (before a punch) per second, burst: each costs the node a few echoes,
+and another peer's introductions could otherwise make us measure for every one."""
+UNPREDICTABLE_FOR = 300.0
+"""After a TCP allocation measurement found nothing to predict, do not measure again for this
+long (each measurement costs the node three small connections)."""
 UPGRADE_DELAYS = (5.0, 30.0, 120.0, 600.0)
 """Seconds before each attempt to replace a relayed connection by a punched one."""
 """How long the introduced side waits for ``sync`` after its ``ack``."""
@@ -108,7 +116,15 @@ class _Punch:
     remote_quic: list[Address] = field(default_factory=list)
     token: bytes = b""
     peer_symmetric: bool = False
+    predicted_tcp: list[Address] = field(default_factory=list)
+    predicted_quic: list[Address] = field(default_factory=list)
+    """Where the other side predicts its next NAT mappings (sequential allocation)."""
+    advertised_quic: bool = False
+    """We told the other side where our next UDP mappings will be."""
     spray: pp.BirthdaySpray | None = None
+    prime_at: float | None = None
+    """Birthday probing, symmetric side: when to open the extra sockets (after the
+    prediction round when predictions were exchanged)."""
     sockets: list[socket.socket] = field(default_factory=list)
     """Birthday probing, symmetric side: the extra sockets (closed when the punch ends)."""
     plan: pp.PunchPlan | None = None
@@ -138,6 +154,11 @@ class Traversal:
         """Our UDP mapping depends on the destination (learnt from two addresses of a node)."""
         cfg = service.config
         self.birthday = pp.BirthdayParams(sockets=cfg.birthday_sockets, probes=cfg.birthday_probes)
+        self.prediction_count = cfg.port_prediction
+        self.allocation: dict[str, tuple[str, pr.Allocation] | None] = {"tcp": None, "quic": None}
+        """Per protocol: our external IP and the sequential allocation last measured."""
+        self._tcp_unpredictable_until = 0.0
+        self._measurements = TokenBucket(*MEASURE_RATE, now=now)
         self._promoted: list[UdpMux] = []
         """Birthday sockets that carried a punch, now serving their QUIC connection."""
         self._by_token: dict[bytes, _Punch] = {}
@@ -156,6 +177,8 @@ class Traversal:
             "introductions_refused": 0,
             "echo_replies": 0,
             "punch_datagrams_dropped": 0,
+            "allocations_measured": 0,
+            "port_predictions": 0,
         }
 
     # ================================================================ address discovery
@@ -300,14 +323,17 @@ class Traversal:
         finally:
             self._echo_waiters.pop(token, None)
 
-    async def learn_udp_mapping(self, via: PeerId) -> None:
+    async def learn_udp_mapping(self, via: PeerId, *, measure: bool = False) -> None:
         """Find our QUIC listener's external mapping from a node's UDP port (address echo),
         and — when the node has a second address — whether the mapping changes with the
-        destination (a symmetric NAT: then the mapping is useless to others)."""
+        destination (a symmetric NAT: then the mapping is useless to others).  With
+        ``measure``, behind a symmetric NAT, also measure its port allocation (for port
+        prediction, right before a punch)."""
         mux = self._listener_mux()
         if mux is None:
             return
         first: tuple[str, Address] | None = None
+        servers: list[Address] = []
         for text in self.svc._known.get(via, []):
             c = Contact.parse(text)
             if c.scheme != "quic" or ipaddress.ip_address(c.host).version != (
@@ -320,6 +346,7 @@ class Traversal:
                 seen = await self.echo(mux, (c.host, c.port))
             except (TimeoutError, OSError):
                 continue
+            servers.append((c.host, c.port))
             if first is None:
                 first = (c.host, seen)
                 continue
@@ -331,11 +358,161 @@ class Traversal:
             break
         if first is None:
             return
+        if measure and self.symmetric and self.prediction_count:
+            await self._measure_allocation(servers, mux.family)
         if not self.symmetric:
             table = self._observed["quic"]
             table.pop(via, None)
             table[via] = str(Contact.from_address("quic", first[1]))
             self._update_external("quic")
+
+    async def _measure_allocation(self, servers: list[Address], family: int) -> None:
+        """Port prediction: create a few new UDP mappings in quick succession (one fresh
+        socket each, echoed by the node) and see whether their ports follow a fixed step."""
+        self.allocation["quic"] = None
+        samples: list[pr.PortSample] = []
+        host = None
+        for i in range(pr.MIN_SAMPLES):
+            try:
+                seen = await self._echo_fresh(servers[i % len(servers)], family)
+            except (TimeoutError, OSError):
+                return
+            if host is not None and seen[0] != host:
+                return  # another external address: no single counter to predict
+            host = seen[0]
+            samples.append(pr.PortSample(seen[1], self._loop.time()))
+        allocation = pr.measure(samples)
+        self.counters["allocations_measured"] += 1
+        log.info(
+            "UDP port allocation %s: %s",
+            [s.port for s in samples],
+            f"sequential, step {allocation.delta}" if allocation else "not predictable",
+        )
+        if allocation is not None and host is not None:
+            self.allocation["quic"] = (host, allocation)
+
+    async def _echo_fresh(
+        self, server: Address, family: int, timeout: float = ECHO_TIMEOUT
+    ) -> Address:
+        """Address echo from a new UDP socket (so from a new NAT mapping), closed after."""
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
+            token = os.urandom(pp.TOKEN_LEN)
+            request = pp.encode(pp.Kind.ECHO_REQUEST, token)
+            async with asyncio.timeout(timeout):
+                delay = 0.1
+                while True:
+                    sock.sendto(request, server)
+                    try:
+                        async with asyncio.timeout(delay):
+                            while True:
+                                data, _ = await self._loop.sock_recvfrom(sock, 2048)
+                                with contextlib.suppress(errors.ProtocolError):
+                                    reply = pp.parse(data)
+                                    if (
+                                        reply.kind is pp.Kind.ECHO_REPLY
+                                        and reply.token == token
+                                        and reply.address is not None
+                                    ):
+                                        return reply.address
+                    except TimeoutError:
+                        delay *= 2
+        finally:
+            sock.close()
+
+    async def _measure_tcp_allocation(self, via: PeerId) -> None:
+        """Port prediction over TCP: a few new connections to the node's TCP listener in
+        quick succession (address echo: the node only reports the address it sees), and
+        whether their external ports follow a fixed step.  A NAT that keeps the local port
+        (or reports ours) needs no prediction: the listening port is the guess already."""
+        now = self._loop.time()
+        self.allocation["tcp"] = None
+        if (
+            not self.prediction_count
+            or self.symmetric is False
+            or now < self._tcp_unpredictable_until
+            or not self.svc._servers
+        ):
+            return
+        servers: list[Address] = []
+        for text in self.svc._known.get(via, []):
+            c = Contact.parse(text)
+            if c.scheme == "tcp" and c.is_ip and not ipaddress.ip_address(c.host).is_loopback:
+                servers.append((c.host, c.port))
+        if not servers:
+            return
+        samples: list[pr.PortSample] = []
+        host = None
+        for i in range(pr.MIN_SAMPLES):
+            try:
+                local_port, seen = await self._tcp_echo(servers[i % len(servers)])
+            except (TimeoutError, OSError, errors.ProtocolError):
+                return
+            if seen[1] == local_port or (host is not None and seen[0] != host):
+                self._tcp_unpredictable_until = now + UNPREDICTABLE_FOR
+                return
+            host = seen[0]
+            samples.append(pr.PortSample(seen[1], self._loop.time()))
+        allocation = pr.measure(samples)
+        self.counters["allocations_measured"] += 1
+        log.info(
+            "TCP port allocation %s: %s",
+            [s.port for s in samples],
+            f"sequential, step {allocation.delta}" if allocation else "not predictable",
+        )
+        if allocation is None or host is None:
+            self._tcp_unpredictable_until = now + UNPREDICTABLE_FOR
+            return
+        self.allocation["tcp"] = (host, allocation)
+
+    async def _tcp_echo(
+        self, server: Address, timeout: float = ECHO_TIMEOUT
+    ) -> tuple[int, Address]:
+        """(our local port, the address the node sees) of one new TCP connection."""
+        sock = socket.socket(socket.AF_INET6 if ":" in server[0] else socket.AF_INET)
+        try:
+            sock.setblocking(False)
+            async with asyncio.timeout(timeout):
+                await self._loop.sock_connect(sock, server)
+                local_port = int(sock.getsockname()[1])
+                await self._loop.sock_sendall(sock, sp.echo_request(self.svc.config.network_name))
+                reply = b""
+                while True:
+                    chunk = await self._loop.sock_recv(sock, sp.ECHO_REPLY_MAX + 1 - len(reply))
+                    if not chunk:
+                        raise errors.ProtocolError("connection closed before the address echo")
+                    reply += chunk
+                    seen = sp.parse_echo_reply(reply)
+                    if seen is not None:
+                        return local_port, seen
+        finally:
+            sock.close()
+
+    async def _learn_for_punch(self, via: PeerId) -> None:
+        """Right before an intro / ack: our mappings, and (behind a symmetric NAT) the port
+        allocation to predict from (rate-limited; an earlier measurement is never reused:
+        the punch it was made for has used its ports)."""
+        self.allocation = {"tcp": None, "quic": None}
+        measure = bool(self.prediction_count) and self._measurements.take(self._loop.time())
+        await self.learn_udp_mapping(via, measure=measure)
+        if measure:
+            await self._measure_tcp_allocation(via)
+
+    def predictions(self) -> list[str]:
+        """Contacts where our next mappings will likely be (port prediction), from a fresh
+        measurement; empty when there is none (no symmetric NAT, random allocation)."""
+        out: list[str] = []
+        now = self._loop.time()
+        for scheme in ("quic", "tcp"):
+            measured = self.allocation.get(scheme)
+            if measured is None or not measured[1].fresh(now):
+                continue
+            host, allocation = measured
+            for port in allocation.predict(self.prediction_count):
+                out.append(str(Contact.from_address(scheme, (host, port))))
+        return out
 
     def _listener_mux(self, family: int = socket.AF_INET) -> UdpMux | None:
         for mux in self.svc._muxes:
@@ -439,23 +616,21 @@ class Traversal:
         assert isinstance(nonce, bytes)
         punch = _Punch(sender, os.urandom(pp.TOKEN_LEN), outbound=False)
         punch.peer_symmetric = inner.get("sym") is True
-        self._set_remote(punch, inner.get("c"), obs)
+        self._set_remote(punch, inner.get("c"), obs, inner.get("p"))
         self._register(punch, nonce)
         try:
             if node.peer_id is not None:
-                await self.learn_udp_mapping(node.peer_id)
+                await self._learn_for_punch(node.peer_id)
             loopback = _is_loopback(node.remote)
-            self._send_via(
-                node,
-                sender,
-                {
-                    "k": "ack",
-                    "id": ref,
-                    "c": self.candidates(loopback=loopback),
-                    "n": punch.nonce,
-                    "sym": self.symmetric is True,
-                },
-            )
+            ack: dict[str, Any] = {
+                "k": "ack",
+                "id": ref,
+                "c": self.candidates(loopback=loopback),
+                "n": punch.nonce,
+                "sym": self.symmetric is True,
+            }
+            self._advertise(punch, ack)
+            self._send_via(node, sender, ack)
             async with asyncio.timeout(
                 SYNC_WAIT + pp.PunchParams().rounds * pp.PunchParams().round_duration
             ):
@@ -482,8 +657,18 @@ class Traversal:
             return "rate limited"
         return None
 
-    def _set_remote(self, punch: _Punch, cands: Any, obs: Any) -> None:
-        """The other side's candidates, plus guesses from the address the node saw it at."""
+    def _advertise(self, punch: _Punch, message: dict[str, Any]) -> None:
+        """Add our predicted mappings (if any) to an intro / ack."""
+        predicted = self.predictions()
+        if predicted:
+            message["p"] = predicted
+            punch.advertised_quic = any(p.startswith("quic://") for p in predicted)
+            self.counters["port_predictions"] += 1
+            log.info("punch to %s: predicted %s", punch.peer.short(), predicted)
+
+    def _set_remote(self, punch: _Punch, cands: Any, obs: Any, predicted: Any = None) -> None:
+        """The other side's candidates, plus guesses from the address the node saw it at,
+        and the ports it predicts for its next mappings (only on IPs it is known by)."""
         items = cands if isinstance(cands, list) else []
         tcp, quic = pp.split_candidates(pp.clean_candidates(items))
         if isinstance(obs, str):
@@ -500,6 +685,9 @@ class Traversal:
         # (rather than hairpinning through the router)
         punch.remote_tcp = _lan_first(tcp)[: pp.MAX_CANDIDATES]
         punch.remote_quic = _lan_first(quic)[: pp.MAX_CANDIDATES]
+        if isinstance(predicted, list | tuple) and self.prediction_count:
+            hosts = {h for h, _ in punch.remote_tcp + punch.remote_quic}
+            punch.predicted_tcp, punch.predicted_quic = pp.split_predicted(predicted, hosts)
 
     def _register(self, punch: _Punch, their_nonce: bytes) -> None:
         token = pp.shared_token(punch.nonce, their_nonce)
@@ -555,20 +743,18 @@ class Traversal:
         fut: asyncio.Future[dict[str, Any]] = self._loop.create_future()
         self._intro_waiters[ref] = fut
         try:
-            await self.learn_udp_mapping(node_id)
+            await self._learn_for_punch(node_id)
             cands = self.candidates(loopback=_is_loopback(node.remote))
+            intro: dict[str, Any] = {
+                "k": "intro",
+                "id": ref,
+                "c": cands,
+                "n": punch.nonce,
+                "sym": self.symmetric is True,
+            }
+            self._advertise(punch, intro)
             sent = self._loop.time()
-            self._send_via(
-                node,
-                peer,
-                {
-                    "k": "intro",
-                    "id": ref,
-                    "c": cands,
-                    "n": punch.nonce,
-                    "sym": self.symmetric is True,
-                },
-            )
+            self._send_via(node, peer, intro)
             try:
                 async with asyncio.timeout(INTRO_TIMEOUT):
                     reply = await fut
@@ -585,7 +771,7 @@ class Traversal:
                 raise errors.HolePunchFailed("malformed introduction answer")
             rtt = self._loop.time() - sent
             punch.peer_symmetric = reply.get("sym") is True
-            self._set_remote(punch, reply.get("c"), reply.get("obs"))
+            self._set_remote(punch, reply.get("c"), reply.get("obs"), reply.get("p"))
             self._register(punch, nonce)
             self._send_via(node, peer, {"k": "sync", "id": ref})
             self._start(punch, self._loop.time() + rtt / 2)
@@ -625,28 +811,36 @@ class Traversal:
     def _start(self, punch: _Punch, at: float) -> None:
         role = pp.birthday_roles(self.symmetric is True, punch.peer_symmetric)
         public = [a for a in punch.remote_quic if not pp.is_lan(a[0])]
+        params = pp.PunchParams()
         punch.plan = pp.PunchPlan(
             token=punch.token,
             tcp=punch.remote_tcp,
             quic=punch.remote_quic,
             start=at,
             dialer=punch.outbound if role is None else role == "spray",
+            params=params,
+            predicted=punch.predicted_quic,
+            predicted_tcp=punch.predicted_tcp,
         )
+        # port prediction first: birthday probing only after the first round
+        predicting = punch.advertised_quic if role == "prime" else bool(punch.predicted_quic)
+        birthday_at = at + params.round_duration if predicting else at
         log.info(
-            "punch to %s: role %s, tcp %s, quic %s",
+            "punch to %s: role %s, tcp %s, quic %s, predicted %s",
             punch.peer.short(),
             role,
             punch.remote_tcp,
             punch.remote_quic,
+            punch.predicted_quic + punch.predicted_tcp,
         )
         if role == "spray" and public:
             rng = SystemRandom()
             ports = rng.sample(range(1024, 65536), min(self.birthday.probes, 64512))
             punch.spray = pp.BirthdaySpray(
-                punch.token, public[0][0], ports, at, rate=self.birthday.rate
+                punch.token, public[0][0], ports, birthday_at, rate=self.birthday.rate
             )
         elif role == "prime" and public:
-            self._open_birthday_sockets(punch)
+            punch.prime_at = birthday_at
         punch.started.set()
         punch.task = asyncio.ensure_future(self._drive(punch))
 
@@ -728,6 +922,8 @@ class Traversal:
             times = [t for t in (plan.get_timer(),) if t is not None]
             if punch.spray is not None and (t := punch.spray.get_timer()) is not None:
                 times.append(t)
+            if punch.prime_at is not None:
+                times.append(punch.prime_at)
             if punch.sockets:
                 times.append(next_prime)
             if not times:
@@ -736,6 +932,10 @@ class Traversal:
             if delay:
                 await asyncio.sleep(delay)
             now = self._loop.time()
+            if punch.prime_at is not None and now >= punch.prime_at:
+                punch.prime_at = None
+                self._open_birthday_sockets(punch)
+                next_prime = now
             plan.handle_timer(now)
             if punch.sockets and now >= next_prime:
                 next_prime = now + self.birthday.prime_interval
@@ -778,7 +978,11 @@ class Traversal:
         running = [p for p in self._punches.values() if p.plan is not None]
         for punch in running:
             assert punch.plan is not None
-            known = punch.remote_tcp if scheme == "tcp" else punch.plan.working + punch.remote_quic
+            known = (
+                punch.remote_tcp + punch.predicted_tcp
+                if scheme == "tcp"
+                else punch.plan.working + punch.remote_quic + punch.predicted_quic
+            )
             if addr in known:
                 return punch.peer
         for punch in running:
@@ -880,14 +1084,17 @@ class Traversal:
     async def prepare(self) -> pp.ConnectionInfo:
         nodes = [p for p, c in self.svc._active.items() if not c.closed]
         for node in nodes[:NODES_TRIED]:
-            await self.learn_udp_mapping(node)
-            if self._external.get("quic"):
+            await self._learn_for_punch(node)
+            if self._external.get("quic") or self.symmetric or self.allocation["tcp"]:
                 break
         public = pp.PublicConnectionInfo(
             self.svc.peer_id,
             tuple(self.candidates(loopback=not self._external_ips)),
             os.urandom(pp.TOKEN_LEN),
+            tuple(self.predictions()),
         )
+        if public.predicted:
+            self.counters["port_predictions"] += 1
         return pp.ConnectionInfo(public, self._loop.time())
 
     async def connect_with_info(
@@ -903,7 +1110,8 @@ class Traversal:
         if peer in self._punches:
             raise errors.HolePunchFailed(f"a punch to {peer} is already in progress")
         punch = _Punch(peer, ours.public.nonce, outbound=self.svc.peer_id < peer)
-        self._set_remote(punch, list(theirs.candidates), None)
+        punch.advertised_quic = any(p.startswith("quic://") for p in ours.public.predicted)
+        self._set_remote(punch, list(theirs.candidates), None, list(theirs.predicted))
         self._register(punch, theirs.nonce)
         try:
             self._start(punch, self._loop.time())

@@ -58,6 +58,9 @@ class Statistics:
     introductions_forwarded: int = 0
     introductions_refused: int = 0
     """Introductions we refused to forward (not connected, rate limited) or to take part in."""
+    port_predictions: int = 0
+    """Punch offers (introductions, answers, connection infos) in which we advertised the
+    predicted ports of our next NAT mappings (a symmetric NAT with sequential allocation)."""
     relay_circuits: int = 0
     """Circuits we relayed for others (accepted by both ends)."""
     relay_bytes: int = 0

@@ -22,7 +22,15 @@ from crust.errors import LimitExceeded, ProtocolError
 from crust.identity import Identity, PeerId
 from crust.proto import cache, igd, natpmp, pcp, punch, stun
 from crust.proto.relay import RelayLimits, RelayTable
-from crust.proto.session import MAX_PLAINTEXT, Closed, Session, SessionParams
+from crust.proto.session import (
+    MAX_PLAINTEXT,
+    Closed,
+    Session,
+    SessionParams,
+    echo_request,
+    encode_echo_reply,
+    parse_echo_reply,
+)
 from crust.testing.pair import FakeClock, SessionPair
 
 Target = Callable[[bytes], None]
@@ -116,6 +124,11 @@ def connection_info(data: bytes) -> None:
     _refused(lambda: punch.PublicConnectionInfo.from_bytes(data))
 
 
+def address_echo(data: bytes) -> None:
+    """A TCP address echo reply (port prediction), as the asking side reads it."""
+    _refused(lambda: parse_echo_reply(data))
+
+
 def bootstrap_cache(data: bytes) -> None:
     def parse() -> None:
         parsed = cache.BootstrapCache.from_bytes(data, max_entries=8)
@@ -204,6 +217,7 @@ TARGETS: dict[str, Target] = {
     "stun": stun_parse,
     "punch": punch_parse,
     "connection_info": connection_info,
+    "address_echo": address_echo,
     "bootstrap_cache": bootstrap_cache,
     "natpmp": natpmp_response,
     "pcp": pcp_response,
@@ -247,7 +261,11 @@ def _seeds() -> dict[str, list[bytes]]:
         + pcp.address_to_bytes("198.18.0.10")
     )
     return {
-        "noise_handshake": [b"\x00" + msg1, b"\x01" + bytes(100)],
+        "noise_handshake": [
+            b"\x00" + msg1,
+            b"\x01" + bytes(100),
+            b"\x00" + echo_request(_PARAMS[0].network_name),
+        ],
         "session": [b"\x01" + bytes(40), b"\x00" + bytes(60), b"\x07" + b"\x01\x02" * 30],
         "stun": [
             stun.encode(stun.request(txid, software="crust")),
@@ -264,7 +282,17 @@ def _seeds() -> dict[str, list[bytes]]:
         "connection_info": [
             punch.PublicConnectionInfo(
                 peer, ("quic://198.51.100.1:5000", "tcp://[2001:db8::1]:5000"), token
-            ).to_bytes()
+            ).to_bytes(),
+            punch.PublicConnectionInfo(
+                peer,
+                ("quic://198.51.100.1:5000",),
+                token,
+                ("quic://198.51.100.1:20001", "tcp://198.51.100.1:30001"),
+            ).to_bytes(),
+        ],
+        "address_echo": [
+            encode_echo_reply(("198.51.100.1", 20001)),
+            encode_echo_reply(("2001:db8::1", 30001)),
         ],
         "bootstrap_cache": [book.to_bytes()],
         "natpmp": [

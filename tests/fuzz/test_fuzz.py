@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from crust.errors import ProtocolError
 from crust.proto import cache, igd, natpmp, pcp, punch, stun
+from crust.proto.session import parse_echo_reply
 from tests.fuzz.targets import SEEDS, TARGETS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,6 +36,8 @@ def test_seeds_are_valid_inputs() -> None:
         punch.parse(seed)
     for seed in SEEDS["connection_info"]:
         punch.PublicConnectionInfo.from_bytes(seed)
+    for seed in SEEDS["address_echo"]:
+        assert parse_echo_reply(seed) is not None
     for seed in SEEDS["bootstrap_cache"]:
         assert len(cache.BootstrapCache.from_bytes(seed)) == 2
     for seed in SEEDS["natpmp"]:

@@ -4,6 +4,7 @@ single resulting connection; the NAT lab tests the traversal itself)."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +19,7 @@ from crust.events import (
     PeerConnected,
     PeerLost,
 )
+from crust.proto.predict import Allocation
 from crust.proto.punch import PublicConnectionInfo
 
 TCP = ("tcp://127.0.0.1:0",)
@@ -227,3 +229,120 @@ async def test_relayed_connection_upgrades_to_direct_without_losing_a_message(
         assert not [e for e in w.of(PeerLost) if e.peer == other.peer_id]
         assert svc.connection(other.peer_id).path == "punched"
     assert a.statistics().punch_successes == 1
+
+
+# ------------------------------------------------------------------ port prediction
+
+
+def _address(svc: Any, scheme: str) -> tuple[str, int]:
+    c = next(c for c in svc.contacts() if c.startswith(scheme + "://"))
+    host, port = c.split("://")[1].split("#")[0].rsplit(":", 1)
+    return host, int(port)
+
+
+async def test_address_echoes_from_new_sockets_and_connections(make: Callable[..., Any]) -> None:
+    """What port prediction measures with: each echo leaves from a new socket (a new NAT
+    mapping) and the node reports the address it saw; the TCP echo is no session at all."""
+    node, wn = await make(listen=BOTH)
+    a, _ = await make(listen=BOTH)
+    tr = a._traversal
+    local, seen = await tr._tcp_echo(_address(node, "tcp"))
+    assert seen == ("127.0.0.1", local)
+    local2, seen2 = await tr._tcp_echo(_address(node, "tcp"))
+    assert seen2 == ("127.0.0.1", local2) and local2 != local
+    udp = [await tr._echo_fresh(_address(node, "quic"), socket.AF_INET) for _ in range(2)]
+    assert {host for host, _ in udp} == {"127.0.0.1"}
+    assert udp[0][1] != udp[1][1]  # two sockets, two source ports
+    stats = node.statistics()
+    assert stats.handshake_failures == 0 and stats.abuse_events == 0
+    assert not wn.of(PeerConnected)
+    assert node.peers() == []
+    # another network's echo is refused like its handshake would be
+    other, _ = await make(listen=TCP, network_name="elsewhere")
+    with pytest.raises(errors.NetworkMismatch):
+        await other._traversal._tcp_echo(_address(node, "tcp"))
+
+
+async def test_predictions_travel_in_connection_info_and_only_while_fresh(
+    make: Callable[..., Any],
+) -> None:
+    a, _ = await make(listen=BOTH)
+    tr = a._traversal
+    assert (await a.prepare_connection_info()).public.predicted == ()  # nothing measured
+    now = asyncio.get_running_loop().time()
+    tr.allocation["quic"] = ("198.18.0.10", Allocation(delta=2, last=20004, at=now, samples=3))
+    info = await a.prepare_connection_info()
+    assert info.public.predicted == tuple(
+        f"quic://198.18.0.10:{20006 + 2 * i}" for i in range(a.config.port_prediction)
+    )
+    assert PublicConnectionInfo.from_bytes(info.public.to_bytes()) == info.public
+    assert a.statistics().port_predictions == 1
+    tr.allocation["quic"] = ("198.18.0.10", Allocation(delta=2, last=20004, at=now - 60, samples=3))
+    assert tr.predictions() == []  # too old: the counter has moved on
+    b, _ = await make(listen=BOTH, port_prediction=0)
+    b._traversal.allocation["quic"] = (
+        "198.18.0.10",
+        Allocation(delta=1, last=20000, at=now, samples=3),
+    )
+    assert b._traversal.predictions() == []  # port_prediction = 0: never advertised
+
+
+async def test_predicted_addresses_must_be_on_a_known_address_of_the_peer(
+    make: Callable[..., Any],
+) -> None:
+    from crust.traversal import _Punch
+
+    a, _ = await make(listen=BOTH)
+    punch = _Punch(crust.Identity.generate().peer_id, bytes(16), outbound=True)
+    a._traversal._set_remote(
+        punch,
+        ["quic://198.18.0.10:7100", "tcp://198.18.0.10:7101"],
+        "quic://198.18.0.10:7100",
+        [
+            "quic://198.18.0.10:20001",
+            "tcp://198.18.0.10:30001",
+            "quic://203.0.113.9:20002",  # nobody we know: never probed
+        ],
+    )
+    assert punch.predicted_quic == [("198.18.0.10", 20001)]
+    assert punch.predicted_tcp == [("198.18.0.10", 30001)]
+    # a plan built from it probes the prediction first
+    a._traversal._register(punch, bytes([1] * 16))
+    try:
+        a._traversal._start(punch, asyncio.get_running_loop().time() + 60)
+        assert punch.plan is not None and list(punch.plan.predicted) == [("198.18.0.10", 20001)]
+    finally:
+        a._traversal._unregister(punch)
+
+
+@pytest.mark.parametrize("predicted", [False, True], ids=["random", "sequential"])
+async def test_birthday_probing_waits_one_round_when_ports_were_predicted(
+    make: Callable[..., Any], predicted: bool
+) -> None:
+    """Prediction first: with predictions exchanged, the birthday sockets (symmetric side)
+    and the spray (other side) start after the first round; without, at once."""
+    from crust.proto.punch import PunchParams
+    from crust.traversal import _Punch
+
+    a, _ = await make(listen=BOTH)
+    tr = a._traversal
+    at = asyncio.get_running_loop().time() + 60  # never reached: only the schedule is looked at
+    later = at + PunchParams().round_duration if predicted else at
+    for symmetric in (True, False):
+        tr.symmetric = symmetric
+        punch = _Punch(crust.Identity.generate().peer_id, bytes(16), outbound=True)
+        punch.peer_symmetric = not symmetric
+        punch.remote_quic = [("198.18.0.11", 7100)]
+        if predicted and symmetric:
+            punch.advertised_quic = True
+        if predicted and not symmetric:
+            punch.predicted_quic = [("198.18.0.11", 20001)]
+        tr._register(punch, bytes([1] * 16))
+        try:
+            tr._start(punch, at)
+            if symmetric:
+                assert punch.prime_at == later and punch.sockets == []
+            else:
+                assert punch.spray is not None and punch.spray.start == later
+        finally:
+            tr._unregister(punch)

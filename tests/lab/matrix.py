@@ -8,6 +8,8 @@ Run it as a developer command (root only)::
 
     scripts/lab                       # the whole matrix, 5 trials per cell, rich table
     scripts/lab --trials 2 --write docs/connectivity.md
+    scripts/lab --types full-cone,symmetric-sequential --involving symmetric-sequential \
+        --write docs/connectivity.md --section sequential   # only pairs with that type
 
 The pytest module ``tests/lab/test_punch_lab.py`` runs the same trials with assertions.
 """
@@ -30,7 +32,7 @@ from tests.lab.netlab import Lab, NatType, pair_spec
 from tests.nodeproc import NodeProcess
 
 CONE_TYPES: tuple[NatType, ...] = ("none", "full-cone", "restricted", "port-restricted")
-ALL_TYPES: tuple[NatType, ...] = (*CONE_TYPES, "symmetric")
+ALL_TYPES: tuple[NatType, ...] = (*CONE_TYPES, "symmetric", "symmetric-sequential")
 SCHEMES = ("tcp", "quic")
 PUB_PORT = 7000
 TRIAL_TIMEOUT = 30.0
@@ -61,9 +63,13 @@ class Trial:
 class PunchLab:
     """A lab with a public crust node ``pub`` and fresh nodes ``a``/``b`` per trial."""
 
-    def __init__(self, lab: Lab, workdir: Path, *, ipv6: bool = False) -> None:
+    def __init__(
+        self, lab: Lab, workdir: Path, *, ipv6: bool = False, node_args: Sequence[str] = ()
+    ) -> None:
         self.lab = lab
         self.workdir = workdir
+        self.node_args = list(node_args)
+        """Extra ``crust node`` arguments of the trial nodes ``a`` and ``b`` (not ``pub``)."""
         self.wildcard = "[::]" if ipv6 else "0.0.0.0"
         self._index = 0
         lab.add_cleanup(self.close)
@@ -102,7 +108,11 @@ class PunchLab:
         port = 7100 + 2 * self._index
         nodes = [
             self._node(
-                host, [f"{scheme}://{self.wildcard}:{port + i}"], "--contact", self.pub_contact
+                host,
+                [f"{scheme}://{self.wildcard}:{port + i}"],
+                "--contact",
+                self.pub_contact,
+                *self.node_args,
             )
             for i, host in enumerate((a, b))
         ]
@@ -151,8 +161,15 @@ class PunchLab:
             return Trial(nat_a, nat_b, scheme, True, seen["path"], seen["transport"], seconds)
 
 
-def pairs(types: Sequence[NatType]) -> list[tuple[NatType, NatType]]:
-    return list(itertools.combinations_with_replacement(types, 2))
+def pairs(
+    types: Sequence[NatType], involving: NatType | None = None
+) -> list[tuple[NatType, NatType]]:
+    """Every unordered pair of ``types`` (or only those with ``involving`` on one side, which
+    then comes first)."""
+    out = list(itertools.combinations_with_replacement(types, 2))
+    if involving is None:
+        return out
+    return [(involving, b if a == involving else a) for a, b in out if involving in (a, b)]
 
 
 def run_matrix(
@@ -160,10 +177,11 @@ def run_matrix(
     trials: int,
     schemes: Sequence[str] = SCHEMES,
     progress: Callable[[Trial], None] | None = None,
+    involving: NatType | None = None,
 ) -> list[Trial]:
     out: list[Trial] = []
     with tempfile.TemporaryDirectory(prefix="crust-lab-") as tmp:
-        for nat_a, nat_b in pairs(types):
+        for nat_a, nat_b in pairs(types, involving):
             lab = Lab(pair_spec(nat_a, nat_b)).build()
             try:
                 plab = PunchLab(lab, Path(tmp))
@@ -224,15 +242,27 @@ def markdown(rows: Sequence[dict[str, str]], command: str) -> str:
 START, END = "<!-- matrix:start -->", "<!-- matrix:end -->"
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace the text between the matrix markers of ``path`` (or write the whole file)."""
+def write_section(path: Path, text: str, section: str | None = None) -> None:
+    """Replace the text between the matrix markers of ``path`` (``<!-- matrix:start -->``,
+    or ``<!-- matrix:NAME:start -->`` for a named section); a file without them gets them
+    appended (or is written whole when it does not exist)."""
+    start, end = (
+        (START, END)
+        if section is None
+        else (
+            f"<!-- matrix:{section}:start -->",
+            f"<!-- matrix:{section}:end -->",
+        )
+    )
     old = path.read_text() if path.exists() else ""
-    if START in old and END in old:
-        head, _, rest = old.partition(START)
-        _, _, tail = rest.partition(END)
-        path.write_text(f"{head}{START}\n{text}{END}{tail}")
+    if start in old and end in old:
+        head, _, rest = old.partition(start)
+        _, _, tail = rest.partition(end)
+        path.write_text(f"{head}{start}\n{text}{end}{tail}")
+    elif old:
+        path.write_text(f"{old.rstrip()}\n\n{start}\n{text}{end}\n")
     else:
-        path.write_text(f"{START}\n{text}{END}\n")
+        path.write_text(f"{start}\n{text}{end}\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -240,7 +270,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--types", default=",".join(CONE_TYPES), help="NAT types, comma separated")
     parser.add_argument("--schemes", default=",".join(SCHEMES))
+    parser.add_argument(
+        "--involving", default=None, help="only the pairs with this NAT type on one side"
+    )
     parser.add_argument("--write", type=Path, help="write the markdown table to this file")
+    parser.add_argument(
+        "--section",
+        default=None,
+        help="with --write: replace the named table (<!-- matrix:NAME:start -->) instead",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="print failed trials' output")
     args = parser.parse_args(argv)
     from rich.console import Console
@@ -254,9 +292,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     console = Console()
     types = [t for t in args.types.split(",") if t]
-    bad = [t for t in types if t not in ALL_TYPES]
+    bad = [t for t in [*types, args.involving] if t is not None and t not in ALL_TYPES]
     if bad:
         parser.error(f"unknown NAT types {bad}; known: {', '.join(ALL_TYPES)}")
+    if args.involving is not None and args.involving not in types:
+        types.append(args.involving)
 
     def progress(t: Trial) -> None:
         mark = "[green]ok" if t.direct else "[yellow]relayed" if t.relayed else "[red]FAIL"
@@ -267,7 +307,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not t.ok and args.verbose:
             console.print(t.error, markup=False)
 
-    results = run_matrix(types, args.trials, args.schemes.split(","), progress)
+    results = run_matrix(
+        types, args.trials, args.schemes.split(","), progress, involving=args.involving
+    )
     rows = summarize(results)
     table = Table(title="crust: direct connections between NATed peers (lab)")
     cols = ("a", "b", "transport", "direct", "rate", "relayed", "connected", "median")
@@ -278,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     console.print(table)
     if args.write is not None:
         command = "scripts/lab " + " ".join(argv if argv is not None else sys.argv[1:])
-        write_section(args.write, markdown(rows, command.strip()))
+        write_section(args.write, markdown(rows, command.strip()), args.section)
     return 0 if all(r.ok for r in results) else 1
 
 

@@ -27,6 +27,9 @@ NAT types are named by their RFC 4787 behaviour (see ``docs/lab.md``):
     endpoint-independent mapping (with port preservation), address-and-port-dependent filtering.
 ``symmetric``
     address-and-port-dependent mapping (random port per destination) and filtering.
+``symmetric-sequential``
+    address-and-port-dependent mapping and filtering; every new mapping takes the next port of
+    a counter (previous + ``RouterSpec.port_delta``), one counter per protocol.
 
 IPv6 (``LabSpec(ipv6=True)``): the internet also carries 2001:db8::/64 (inside the documentation
 prefix 2001:db8::/32) and every router LAN gets a routed /64 (``2001:db8:0:N::/64``) -- no NAT66,
@@ -69,6 +72,7 @@ __all__ = [
     "INTERNET_NET",
     "NAT_TYPES",
     "RUN_PREFIX",
+    "SEQUENTIAL_SPAN",
     "Host",
     "HostSpec",
     "Lab",
@@ -96,7 +100,9 @@ __all__ = [
     "start_miniupnpd",
 ]
 
-NatType = Literal["none", "full-cone", "restricted", "port-restricted", "symmetric"]
+NatType = Literal[
+    "none", "full-cone", "restricted", "port-restricted", "symmetric", "symmetric-sequential"
+]
 NAT_TYPES: Final[tuple[NatType, ...]] = get_args(NatType)
 #: A router's type: one of the IPv4 NAT types, or ``firewall6`` (IPv6 lab only): IPv6 routed
 #: through the stateful firewall and no IPv4 forwarding at all.
@@ -356,6 +362,11 @@ class RouterSpec:
     #: timeout (or 120 s).
     mapping_timeout: int | None = None
     wan_netem: Netem | None = None
+    #: ``symmetric-sequential`` only: the step between consecutive new mappings' ports, and
+    #: the port of the first one (per protocol; the counter wraps after ``SEQUENTIAL_SPAN``
+    #: mappings).
+    port_delta: int = 1
+    port_base: int = 20000
 
 
 @dataclass(frozen=True)
@@ -478,6 +489,9 @@ class Router(Node):
     mapping_timeout: int
     wan_iface: str = WAN_IFACE
     lan_iface: str = LAN_IFACE
+    #: ``symmetric-sequential``: step and first port of the per-protocol port counter.
+    port_delta: int = 1
+    port_base: int = 20000
     #: IPv6 labs only: WAN address, upstream router's LAN address (``None`` on the internet),
     #: LAN address (``::1`` of the LAN prefix) and the routed LAN prefix.
     wan_address6: str | None = None
@@ -503,6 +517,9 @@ def nftables_ruleset(router: Router) -> str:
     * port-restricted: ``masquerade`` (conntrack keeps the source port when it is free: EIM
       with port preservation; only replies of tracked flows come in).
     * symmetric: ``masquerade random`` (a new external port per destination).
+    * symmetric-sequential: ``snat`` to the WAN address and the next port of a counter
+      (``numgen inc``: the nat chain sees only the first packet of a flow, so the counter
+      moves once per new mapping), one rule and so one counter per protocol.
     * full-cone / restricted: masquerade plus a dynamic map learnt in postrouting *after*
       srcnat (external proto+port -> internal addr+port, read from the conntrack reply tuple)
       and a DNAT of new inbound WAN packets through it.  For restricted the remote address must
@@ -533,6 +550,7 @@ def nftables_ruleset(router: Router) -> str:
     learn = router.nat in ("full-cone", "restricted") or router.hairpin
     t = router.mapping_timeout
     random = " random" if router.nat == "symmetric" else ""
+    endpoint_dependent = router.nat in ("symmetric", "symmetric-sequential")
     tcpudp = "meta l4proto { tcp, udp }"
     lines = ["table ip crustlab {"]
     if learn:
@@ -573,14 +591,26 @@ def nftables_ruleset(router: Router) -> str:
     lines += ["  }", "  chain postrouting {"]
     lines.append("    type nat hook postrouting priority srcnat; policy accept;")
     if router.hairpin:
-        if router.nat != "symmetric":
+        if not endpoint_dependent:
             lines.append(
                 f'    iifname "{lan}" oifname "{lan}" ct status dnat {tcpudp}'
                 " snat ip to meta l4proto . ip saddr . th sport map @intmap"
             )
+        if router.nat == "symmetric-sequential":
+            lines += [
+                f'    iifname "{lan}" oifname "{lan}" ct status dnat meta l4proto {proto}'
+                f" snat ip to {wan_addr}:{_sequential_ports(router)}"
+                for proto in ("udp", "tcp")
+            ]
         lines.append(
             f'    iifname "{lan}" oifname "{lan}" ct status dnat snat ip to {wan_addr}{random}'
         )
+    if router.nat == "symmetric-sequential":
+        lines += [
+            f'    oifname "{wan}" meta l4proto {proto}'
+            f" snat ip to {wan_addr}:{_sequential_ports(router)}"
+            for proto in ("udp", "tcp")
+        ]
     lines += [f'    oifname "{wan}" masquerade{random}', "  }"]
     if learn:
         lines += [
@@ -610,6 +640,21 @@ def nftables_ruleset(router: Router) -> str:
         "}",
     ]
     return "\n".join(lines) + "\n"
+
+
+#: Mappings a ``symmetric-sequential`` router hands out before its port counter wraps.
+SEQUENTIAL_SPAN: Final = 4096
+
+
+def _sequential_ports(router: Router) -> str:
+    """The nft expression for the next port of a sequential counter: ``numgen inc`` counts
+    the flows this rule translated (only a flow's first packet meets a nat chain).  The
+    counter goes through a map: ``numgen ... offset`` would give the port in host byte order
+    (20000 came out as 8270)."""
+    d, base = router.port_delta, router.port_base
+    count = min(SEQUENTIAL_SPAN, (65535 - base) // d + 1)
+    elements = ", ".join(f"{i} : {base + d * i}" for i in range(count))
+    return f"numgen inc mod {count} map {{ {elements} }}"
 
 
 #: Named nftables counter of unsolicited inbound IPv6 packets a router's firewall dropped.
@@ -984,6 +1029,10 @@ class Lab:
                     f"router {r.name!r}: nat must be one of {NAT_TYPES[1:]} "
                     "(a host with router=None is NAT type 'none')"
                 )
+            if not 1 <= r.port_delta <= 64 or not 1024 <= r.port_base <= 65535 - r.port_delta:
+                raise ValueError(
+                    f"router {r.name!r}: port_delta must be 1..64 and port_base 1024..65535"
+                )
             if r.upstream is not None and r.upstream not in router_specs:
                 raise ValueError(f"router {r.name!r}: unknown upstream router {r.upstream!r}")
         for h in spec.hosts:
@@ -1079,6 +1128,8 @@ class Lab:
                 lan_address=str(subnet.network_address + 1),
                 lan_subnet=subnet,
                 mapping_timeout=mapping_timeout,
+                port_delta=r.port_delta,
+                port_base=r.port_base,
             )
             plan.links.append(
                 _Link(r.name, WAN_IFACE, f"p{next(port_counter)}", wan_bridge, r.wan_netem)

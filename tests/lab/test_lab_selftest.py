@@ -42,6 +42,7 @@ HOST_FOR: dict[NatType, str] = {
     "restricted": "hrs",
     "port-restricted": "hpr",
     "symmetric": "hsy",
+    "symmetric-sequential": "hsq",
 }
 
 WORLD = LabSpec(
@@ -50,6 +51,8 @@ WORLD = LabSpec(
         RouterSpec("rrs", nat="restricted"),
         RouterSpec("rpr", nat="port-restricted", hairpin=True),
         RouterSpec("rsy", nat="symmetric"),
+        RouterSpec("rsq", nat="symmetric-sequential"),
+        RouterSpec("rs3", nat="symmetric-sequential", port_delta=3, port_base=40000),
         RouterSpec("rnh", nat="port-restricted", hairpin=False),
         RouterSpec("rdo", nat="port-restricted"),
         RouterSpec("rdi", nat="full-cone", upstream="rdo"),
@@ -64,6 +67,8 @@ WORLD = LabSpec(
         HostSpec("hpr", router="rpr"),
         HostSpec("hpr2", router="rpr"),
         HostSpec("hsy", router="rsy"),
+        HostSpec("hsq", router="rsq"),
+        HostSpec("hs3", router="rs3"),
         HostSpec("hnh", router="rnh"),
         HostSpec("hnh2", router="rnh"),
         HostSpec("hd", router="rdi"),
@@ -212,6 +217,9 @@ def test_mapping(world: World, nat: NatType) -> None:
     if nat == "symmetric":
         # Address-and-port-dependent mapping: a new external port per destination.
         assert len(set(ports)) == len(ports), seen
+    elif nat == "symmetric-sequential":
+        # The same, each new port the previous one plus one.
+        assert ports == [ports[0] + i for i in range(len(ports))], seen
     else:
         # Endpoint-independent mapping, with port preservation.
         assert ports == [s.port] * len(ports), seen
@@ -220,7 +228,7 @@ def test_mapping(world: World, nat: NatType) -> None:
     observed_tcp = world.probe(host).tcp_query(world.tcp_echo, port=local_tcp)
     assert observed_tcp is not None
     assert observed_tcp[0] == public
-    if nat != "symmetric":
+    if nat not in ("symmetric", "symmetric-sequential"):
         assert observed_tcp[1] == local_tcp
 
 
@@ -232,6 +240,36 @@ def test_symmetric_new_port_for_every_destination(world: World) -> None:
     assert {addr for addr, _ in seen} == {world.wan("rsy")}
     # Repeating a destination reuses its (still live) mapping.
     assert s.query(destinations[0]) == seen[0]
+
+
+@pytest.mark.parametrize(("host", "delta"), [("hsq", 1), ("hs3", 3)])
+def test_sequential_new_port_is_the_previous_plus_delta(
+    world: World, host: str, delta: int
+) -> None:
+    """symmetric-sequential: every new flow (another destination, or another socket) gets
+    the previous mapping's port plus ``delta``; TCP counts on its own."""
+    router = world.lab.routers_of(host)[0].name
+    s = world.sock(host)
+    destinations = [*world.observers, world.addr(world.echo1c)]
+    seen = [s.query(d) for d in destinations]
+    assert {addr for addr, _ in seen} == {world.wan(router)}
+    p = seen[0][1]
+    assert [port for _, port in seen] == [p + delta * i for i in range(4)], seen
+    assert s.query(destinations[0]) == seen[0]  # a live mapping is reused, no port taken
+    # a new socket to a destination already used by another socket: the next port
+    assert world.sock(host).query(destinations[0]) == (world.wan(router), p + 4 * delta)
+    # an early packet to the next port does not take it (and does not move the counter)
+    world.echo2.send((world.wan(router), p + 5 * delta), "early", count=2)
+    time.sleep(0.05)
+    late = world.sock(host)
+    assert late.query(destinations[1]) == (world.wan(router), p + 5 * delta)
+    assert payloads(late, 0.2) == set()
+    # TCP has its own counter: two connections, two consecutive ports
+    t1 = world.probe(host).tcp_query(world.tcp_echo, port=next(world.ports))
+    t2 = world.probe(host).tcp_query(world.tcp_echo, port=next(world.ports))
+    assert t1 is not None and t2 is not None
+    assert t1[0] == t2[0] == world.wan(router)
+    assert t2[1] == t1[1] + delta
 
 
 def test_port_preservation_and_several_hosts_behind_one_router(world: World) -> None:
@@ -261,6 +299,7 @@ EXPECTED_FILTERING: dict[NatType, set[str]] = {
     "restricted": {"same", "other-port"},  # address-dependent
     "port-restricted": {"same"},  # address-and-port-dependent
     "symmetric": {"same"},  # address-and-port-dependent
+    "symmetric-sequential": {"same"},  # address-and-port-dependent
 }
 
 

@@ -30,6 +30,7 @@ from tests.nodeproc import CLI
 pytestmark = pytest.mark.lab
 
 TRIALS = int(os.environ.get("CRUST_LAB_TRIALS", "5"))
+SEQUENTIAL: NatType = "symmetric-sequential"
 
 
 @pytest.mark.parametrize(("nat_a", "nat_b"), pairs(CONE_TYPES), ids=lambda n: str(n))
@@ -61,6 +62,57 @@ def test_symmetric_pairs_connect_by_birthday_probing_or_relay(
             assert r.path == "punched", r
         else:
             assert r.path in ("punched", "relayed"), r
+
+
+def _no_birthday(tmp_path: Path, **extra: int) -> list[str]:
+    """``crust node`` arguments turning birthday probing off, so that a symmetric NAT can
+    only be punched by port prediction."""
+    path = tmp_path / "no-birthday.toml"
+    lines = ["birthday_sockets = 0", "birthday_probes = 0"]
+    lines += [f"{key} = {value}" for key, value in extra.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return ["--config", str(path)]
+
+
+@pytest.mark.parametrize(
+    "nat_b", ["full-cone", "restricted", "port-restricted", SEQUENTIAL], ids=lambda n: str(n)
+)
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_sequential_symmetric_nat_is_punched_by_port_prediction(
+    lab_factory: LabFactory, tmp_path: Path, nat_b: NatType, scheme: str
+) -> None:
+    """A symmetric NAT with sequential port allocation against every NAT whose mapping is
+    predictable, over TCP and QUIC, with birthday probing off: against a port-restricted
+    cone or another sequential NAT only the predicted ports can open the path (a random
+    symmetric NAT is relayed there, see test_symmetric_pairs_...)."""
+    lab = lab_factory(pair_spec(SEQUENTIAL, nat_b))
+    plab = PunchLab(lab, tmp_path, node_args=_no_birthday(tmp_path))
+    wan_a = lab.router("ra").wan_address
+    for _ in range(2):
+        r = plab.trial(SEQUENTIAL, nat_b, scheme)
+        assert r.ok and r.path == "punched" and r.transport == scheme, r
+    # the peer of the sequential side reaches it at a port of the lab NAT's counter
+    with plab.pair(scheme) as (a, b):
+        a.command(cmd="connect", to=b.peer_id, id="c")
+        a.expect("connected", id="c")
+        b.command(cmd="peers")
+        peers = {p["peer"]: p for p in b.expect("peers")["peers"]}
+        host, port = peers[a.peer_id]["remote"].split("://")[1].rsplit(":", 1)
+        assert host == wan_a and int(port) >= 20000, peers[a.peer_id]
+        assert peers[a.peer_id]["path"] == "punched"
+        a.command(cmd="statistics")
+        assert a.expect("statistics")["port_predictions"] >= 1
+
+
+def test_without_port_prediction_the_sequential_nat_is_relayed(
+    lab_factory: LabFactory, tmp_path: Path
+) -> None:
+    """The control: the same pair with port prediction off (and no birthday probing) finds
+    no path and ends in the relay."""
+    lab = lab_factory(pair_spec(SEQUENTIAL, "port-restricted"))
+    plab = PunchLab(lab, tmp_path, node_args=_no_birthday(tmp_path, port_prediction=0))
+    r = plab.trial(SEQUENTIAL, "port-restricted", "quic")
+    assert r.ok and r.path == "relayed", r
 
 
 @pytest.mark.parametrize("hairpin", [False, True], ids=["no-hairpin", "hairpin"])
@@ -102,7 +154,9 @@ def test_external_quic_address_is_learnt_and_reported(
         assert any(c.startswith(ev["endpoint"] + "#") for c in eps["contacts"])
 
 
-@pytest.mark.parametrize("nat", ["none", "full-cone", "restricted", "port-restricted", "symmetric"])
+@pytest.mark.parametrize(
+    "nat", ["none", "full-cone", "restricted", "port-restricted", "symmetric", SEQUENTIAL]
+)
 def test_netcheck_reports_the_nat_the_lab_built(
     module_lab_factory: LabFactory, tmp_path: Path, nat: NatType
 ) -> None:
@@ -116,7 +170,10 @@ def test_netcheck_reports_the_nat_the_lab_built(
         timeout=60,
     )
     report = json.loads(out.stdout)
-    assert report["nat_type"] == nat, report
+    assert report["nat_type"] == ("symmetric" if nat == SEQUENTIAL else nat), report
+    if nat == SEQUENTIAL:  # and its next ports can be predicted
+        assert report["port_allocation"] == "sequential", report
+        assert report["classification"]["port_delta"] == 1, report
     assert report["udp"] is True
     wan = lab.router("ra").wan_address if nat != "none" else lab.host("a").address
     assert any(e.split("://")[-1].startswith(f"{wan}:") for e in report["external"]), report

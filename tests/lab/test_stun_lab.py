@@ -36,6 +36,7 @@ HOST_FOR: dict[NatType, str] = {
     "restricted": "hrs",
     "port-restricted": "hpr",
     "symmetric": "hsy",
+    "symmetric-sequential": "hsq",
 }
 HAIRPIN: dict[NatType, bool] = {
     "none": True,  # a public host reaches its own address
@@ -43,6 +44,7 @@ HAIRPIN: dict[NatType, bool] = {
     "restricted": False,
     "port-restricted": True,
     "symmetric": False,
+    "symmetric-sequential": False,
 }
 SPEC = LabSpec(
     routers=[
@@ -50,6 +52,7 @@ SPEC = LabSpec(
         RouterSpec("rrs", nat="restricted"),
         RouterSpec("rpr", nat="port-restricted", hairpin=True),
         RouterSpec("rsy", nat="symmetric"),
+        RouterSpec("rsq", nat="symmetric-sequential"),
     ],
     hosts=[
         HostSpec("pub", extra_addresses=1),
@@ -59,8 +62,10 @@ SPEC = LabSpec(
         HostSpec("hrs", router="rrs"),
         HostSpec("hpr", router="rpr"),
         HostSpec("hsy", router="rsy"),
+        HostSpec("hsq", router="rsq"),
     ],
 )
+SYMMETRIC = ("symmetric", "symmetric-sequential")
 CRUST_PORT, CRUST_ALT_PORT = 3478, 3479
 CLIENT_PORT = 41000
 
@@ -192,7 +197,7 @@ def test_binding_sees_the_routers_public_address(world: StunWorld, nat: NatType)
     assert own["mapped"][0] == public
     assert mux["mapped"][0] == public
     assert own["local"][1] == CLIENT_PORT
-    if nat != "symmetric":  # every cone NAT of the lab preserves ports
+    if nat not in SYMMETRIC:  # every cone NAT of the lab preserves ports
         assert own["mapped"][1] == CLIENT_PORT
         assert mux["mapped"][1] == mux["local"][1]
     # coturn's RFC 5780 attributes came through our parser
@@ -208,6 +213,11 @@ EXPECTED: dict[NatType, tuple[str, str, str]] = {
     "restricted": ("restricted", "endpoint-independent", "address-dependent"),
     "port-restricted": ("port-restricted", "endpoint-independent", "address-and-port-dependent"),
     "symmetric": ("symmetric", "address-and-port-dependent", "address-and-port-dependent"),
+    "symmetric-sequential": (
+        "symmetric",
+        "address-and-port-dependent",
+        "address-and-port-dependent",
+    ),
 }
 
 
@@ -220,11 +230,17 @@ def test_prober_classifies_the_lab_nat(world: StunWorld, nat: NatType, server: s
     assert c["behind_nat"] is (nat != "none")
     assert c["mapped"].split(":")[0] == _public(world, nat)
     assert c["hairpinning"] is HAIRPIN[nat]
-    assert c["port_preservation"] is (nat != "symmetric")
+    assert c["port_preservation"] is (nat not in SYMMETRIC)
     assert len(c["observations"]) == 4  # the four RFC 5780 destinations
     if nat == "symmetric":
         assert c["port_allocation"] == "random"  # the lab's symmetric NAT uses random ports
         assert len(set(c["port_samples"])) == 4
+    elif nat == "symmetric-sequential":
+        # a new port per destination, each the previous one plus one: predictable
+        assert c["port_allocation"] == "sequential"
+        assert c["port_delta"] == 1
+        first = c["port_samples"][0]
+        assert c["port_samples"] == [first, first + 1, first + 2, first + 3]
     else:
         assert c["port_allocation"] == "stable"
     assert c["notes"] == [], c["notes"]
@@ -236,7 +252,7 @@ def test_plain_observers_classify_mapping_only(world: StunWorld, nat: NatType) -
     assert c["filtering"] == "unknown"
     assert c["hairpinning"] is None
     assert len(c["observations"]) == 3
-    if nat == "symmetric":
+    if nat in SYMMETRIC:
         assert c["mapping"] == "address-and-port-dependent"
         assert c["nat_type"] == "symmetric"
     else:

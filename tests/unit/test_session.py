@@ -19,6 +19,7 @@ from crust.errors import (
 from crust.events import MessageReceived
 from crust.identity import Identity
 from crust.proto.session import (
+    ECHO_REPLY_MAX,
     HEADER_LEN,
     MAX_PLAINTEXT,
     PREEMPT_LIMIT,
@@ -29,6 +30,9 @@ from crust.proto.session import (
     Selected,
     Session,
     State,
+    echo_request,
+    encode_echo_reply,
+    parse_echo_reply,
 )
 from crust.testing.pair import FakeClock, SessionPair, make_params
 
@@ -128,6 +132,60 @@ def test_not_a_crust_peer() -> None:
     s = Session(make_params(), initiator=False, now=0.0)
     s.receive_data(b"GET / HTTP/1.1\r\n\r\n", 0.0)
     assert isinstance(closed(list(s.events)).error, ProtocolError)
+
+
+@pytest.mark.parametrize(
+    ("observed", "address"),
+    [
+        ("tcp://198.18.0.10:20001", ("198.18.0.10", 20001)),
+        ("tcp://[2001:db8::7]:1", ("2001:db8::7", 1)),
+    ],
+)
+def test_address_echo_answers_the_observed_address_and_closes(
+    observed: str, address: tuple[str, int]
+) -> None:
+    """Port prediction over TCP: a header with the echo version asks which address the
+    responder sees; it answers and closes cleanly (no error, no session, no identity)."""
+    params = make_params("alpha")
+    s = Session(params, initiator=False, now=0.0, observed=observed)
+    s.receive_data(echo_request("alpha") + b"ignored", 0.0)
+    reply = b"".join(bytes(d) for d in s.data_to_send())
+    assert len(reply) <= ECHO_REPLY_MAX
+    assert parse_echo_reply(reply) == address
+    for cut in range(len(reply)):
+        assert parse_echo_reply(reply[:cut]) is None  # a reply read in pieces
+    event = closed(list(s.events))
+    assert event.error is None and event.code == CloseCode.NORMAL
+    assert s.state is State.CLOSED and s.peer_id is None
+
+
+def test_address_echo_of_another_network_is_refused() -> None:
+    s = Session(make_params("alpha"), initiator=False, now=0.0, observed="tcp://192.0.2.1:5")
+    s.receive_data(echo_request("beta"), 0.0)
+    reply = b"".join(bytes(d) for d in s.data_to_send())
+    with pytest.raises(NetworkMismatch):
+        parse_echo_reply(reply)
+    assert isinstance(closed(list(s.events)).error, NetworkMismatch)
+
+
+def test_an_old_responder_refuses_the_echo_version() -> None:
+    with pytest.raises(ProtocolError, match="status 2"):
+        parse_echo_reply(bytes([2]))
+    for bad in (bytes([3, 5, 0, 1]), encode_echo_reply(("192.0.2.1", 1)) + b"x"):
+        with pytest.raises(ProtocolError):
+            parse_echo_reply(bad)
+    with pytest.raises(ProtocolError, match="port 0"):
+        parse_echo_reply(bytes([3, 4, 0, 0, 1, 2, 3, 4]))
+
+
+@given(st.binary(max_size=40))
+def test_any_echo_reply_bytes_parse_or_protocol_error(data: bytes) -> None:
+    try:
+        got = parse_echo_reply(data)
+    except ProtocolError:
+        return
+    if got is not None:
+        assert 0 < got[1] < 65536
 
 
 def test_handshake_timeout() -> None:

@@ -28,6 +28,7 @@ import msgpack
 from crust.contact import Contact
 from crust.errors import ConfigError, ProtocolError
 from crust.identity import PeerId
+from crust.proto.predict import MAX_PREDICTED
 
 MAGIC = b"\x2acp1"
 Address = tuple[str, int]
@@ -156,6 +157,26 @@ def clean_candidates(items: Iterable[Any], *, limit: int = MAX_CANDIDATES) -> tu
     return tuple(out)
 
 
+def split_predicted(
+    items: Iterable[Any], hosts: Iterable[str]
+) -> tuple[list[Address], list[Address]]:
+    """(TCP, QUIC) addresses the other side predicts its next NAT mappings at: well-formed
+    contacts on one of ``hosts`` (the public IPs it is otherwise known by, so a prediction can
+    never aim our probes at a third party), never a LAN address, at most
+    :data:`~crust.proto.predict.MAX_PREDICTED` per protocol, in the order given."""
+    allowed = {h for h in hosts if not is_lan(h)}
+    tcp: list[Address] = []
+    quic: list[Address] = []
+    for text in clean_candidates(items, limit=2 * MAX_PREDICTED):
+        c = Contact.parse(text)
+        if c.host not in allowed:
+            continue
+        out = tcp if c.scheme == "tcp" else quic
+        if len(out) < MAX_PREDICTED:
+            out.append((c.host, c.port))
+    return tcp, quic
+
+
 def split_candidates(candidates: Sequence[str]) -> tuple[list[Address], list[Address]]:
     """(TCP addresses, QUIC addresses) of well-formed candidates."""
     tcp: list[tuple[str, int]] = []
@@ -169,23 +190,27 @@ def split_candidates(candidates: Sequence[str]) -> tuple[list[Address], list[Add
 @dataclass(frozen=True, slots=True)
 class PublicConnectionInfo:
     """What one side hands the other (through any channel) to be punched to:
-    its peer id, its candidates and a fresh nonce.  ``to_bytes``/``from_bytes`` are the wire
-    form (msgpack, at most 4 KiB)."""
+    its peer id, its candidates and a fresh nonce; behind a NAT with sequential port
+    allocation also ``predicted``, the addresses its next mappings will likely get (see
+    :mod:`crust.proto.predict`).  ``to_bytes``/``from_bytes`` are the wire form (msgpack, at
+    most 4 KiB)."""
 
     peer_id: PeerId
     candidates: tuple[str, ...]
     nonce: bytes
+    predicted: tuple[str, ...] = ()
 
     def to_bytes(self) -> bytes:
-        body: bytes = msgpack.packb(
-            {
-                "v": INFO_VERSION,
-                "id": bytes(self.peer_id),
-                "c": list(self.candidates),
-                "n": self.nonce,
-            }
-        )
-        return body
+        body: dict[str, Any] = {
+            "v": INFO_VERSION,
+            "id": bytes(self.peer_id),
+            "c": list(self.candidates),
+            "n": self.nonce,
+        }
+        if self.predicted:
+            body["p"] = list(self.predicted)
+        packed: bytes = msgpack.packb(body)
+        return packed
 
     @classmethod
     def from_bytes(cls, data: bytes) -> PublicConnectionInfo:
@@ -204,7 +229,15 @@ class PublicConnectionInfo:
             raise ProtocolError("connection info: bad peer id")
         if not isinstance(cands, list) or not isinstance(nonce, bytes) or len(nonce) != TOKEN_LEN:
             raise ProtocolError("connection info: bad candidates or nonce")
-        return cls(PeerId(pid), clean_candidates(cands), nonce)
+        predicted = obj.get("p", [])
+        if not isinstance(predicted, list):
+            raise ProtocolError("connection info: bad predicted addresses")
+        return cls(
+            PeerId(pid),
+            clean_candidates(cands),
+            nonce,
+            clean_candidates(predicted, limit=2 * MAX_PREDICTED),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,6 +268,9 @@ class PunchParams:
     """Probe datagrams one punch sends at most, whatever the candidates."""
     prediction_span: int = 4
     """Round 3 also probes this many ports either side of each external candidate."""
+    max_prediction_probes: int = 400
+    """Probes to the other side's predicted ports (sequential allocation), beyond
+    ``max_probes``: they go first in every probe round until this budget is spent."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,6 +310,11 @@ class PunchPlan:
     2. the same, and now both sides dial QUIC on any answering path (the chosen dialer's
        packets may be the ones filtered);
     3. probes also to ports near each external candidate (sequential port allocation).
+
+    ``predicted`` / ``predicted_tcp``: where the other side's next NAT mappings will be
+    (it measured a sequential allocation).  They are probed / dialled first, in their order,
+    from round 1: when both sides are behind such NATs, each side's i-th new flow must go to
+    the other's i-th predicted port for the two mappings to match.
     """
 
     token: bytes
@@ -282,7 +323,10 @@ class PunchPlan:
     start: float
     dialer: bool
     params: PunchParams = field(default_factory=PunchParams)
+    predicted: Sequence[tuple[str, int]] = ()
+    predicted_tcp: Sequence[tuple[str, int]] = ()
     probes_sent: int = 0
+    prediction_probes_sent: int = 0
     working: list[tuple[str, int]] = field(default_factory=list)
     done: bool = False
     _next_probe: float = 0.0
@@ -306,12 +350,12 @@ class PunchPlan:
         if self.done:
             return None
         times = [self.deadline, self._next_probe]
-        if self.tcp:
+        if self.tcp or self.predicted_tcp:
             times.append(self._next_tcp)
         return min(times)
 
     def _targets(self, now: float) -> list[tuple[str, int]]:
-        targets = list(self.quic)
+        targets = [a for a in dict.fromkeys(self.quic) if a not in self.predicted]
         if self.round(now) >= 3:
             span = self.params.prediction_span
             for host, port in self.quic:
@@ -319,8 +363,9 @@ class PunchPlan:
                     continue
                 for delta in range(1, span + 1):
                     for p in (port + delta, port - delta):
-                        if 0 < p < 65536 and (host, p) not in targets:
-                            targets.append((host, p))
+                        addr = (host, p)
+                        if 0 < p < 65536 and addr not in targets and addr not in self.predicted:
+                            targets.append(addr)
         return targets
 
     def handle_timer(self, now: float) -> None:
@@ -333,6 +378,11 @@ class PunchPlan:
         if now >= self._next_probe:
             self._next_probe = now + self.params.probe_interval
             datagram = encode(Kind.PROBE, self.token)
+            for addr in self.predicted:
+                if self.prediction_probes_sent >= self.params.max_prediction_probes:
+                    break
+                self.prediction_probes_sent += 1
+                self._actions.append(SendProbe(addr, datagram))
             for addr in self._targets(now):
                 if self.probes_sent >= self.params.max_probes:
                     break
@@ -343,9 +393,10 @@ class PunchPlan:
                 if addr not in self._dialed:
                     self._dialed.add(addr)
                     self._actions.append(DialQuic(addr))
-        if self.tcp and now >= self._next_tcp:
+        if (self.tcp or self.predicted_tcp) and now >= self._next_tcp:
             self._next_tcp = now + self.params.tcp_retry
-            self._actions.extend(DialTcp(addr) for addr in self.tcp)
+            targets = dict.fromkeys([*self.predicted_tcp, *self.tcp])
+            self._actions.extend(DialTcp(addr) for addr in targets)
 
     def datagram_received(self, dgram: PunchDatagram, addr: tuple[str, int], now: float) -> None:
         """A punch datagram with our token arrived from ``addr``."""

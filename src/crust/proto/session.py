@@ -13,6 +13,11 @@ Wire format (all integers big-endian)::
     initiator -> responder   u16 length | Noise message 3 (s, se | hello)
     both ways, then          u16 length | AEAD record (plaintext <= 65519 bytes)
 
+An *address echo* (port prediction, see :mod:`crust.proto.predict`) is a header whose version
+byte is :data:`ECHO_VERSION` and nothing else; the responder answers
+``status 3 | family u8 (4/6) | port u16 | address (4/16 bytes)`` -- the address it sees the
+connection come from -- and closes.  No session, no keys, no identity.
+
 The Noise prologue is ``b"crust-prologue" | header | network name``, so a peer of another
 network, or a header changed on the wire, fails the handshake.  ``hello`` is a msgpack map
 whose ``id`` is the Ed25519 peer id and ``sig`` its signature of the sender's Noise static
@@ -33,6 +38,7 @@ from __future__ import annotations
 import bisect
 import enum
 import hashlib
+import ipaddress
 import struct
 from collections import deque
 from collections.abc import Callable
@@ -78,6 +84,10 @@ STATIC_KEY_CONTEXT = b"crust static key v1\x00"
 STATUS_OK = 0
 STATUS_NETWORK_MISMATCH = 1
 STATUS_VERSION = 2
+STATUS_ECHO = 3
+ECHO_VERSION = 0xEC
+"""The header version byte of an address echo request (never a session version)."""
+ECHO_REPLY_MAX = 1 + 1 + 2 + 16
 
 
 class Kind(enum.IntEnum):
@@ -193,6 +203,41 @@ def network_tag(network_name: str) -> bytes:
 
 def handshake_header(network_name: str) -> bytes:
     return MAGIC + bytes([VERSION]) + network_tag(network_name)
+
+
+def echo_request(network_name: str) -> bytes:
+    """An address echo request: "which address do you see this connection come from?"."""
+    return MAGIC + bytes([ECHO_VERSION]) + network_tag(network_name)
+
+
+def encode_echo_reply(address: tuple[str, int]) -> bytes:
+    ip = ipaddress.ip_address(address[0])
+    return bytes([STATUS_ECHO, ip.version]) + U16.pack(address[1]) + ip.packed
+
+
+def parse_echo_reply(data: bytes | bytearray | memoryview) -> tuple[str, int] | None:
+    """The address in a complete echo reply; None while more bytes are needed.  Anything
+    else (another status, a bad family, port 0, trailing bytes) raises ProtocolError."""
+    raw = bytes(data)
+    if not raw:
+        return None
+    if raw[0] == STATUS_NETWORK_MISMATCH:
+        raise NetworkMismatch("peer belongs to another network")
+    if raw[0] != STATUS_ECHO:
+        raise ProtocolError(f"not an address echo (status {raw[0]})")
+    if len(raw) < 2:
+        return None
+    if raw[1] not in (4, 6):
+        raise ProtocolError(f"address echo: bad family {raw[1]}")
+    size = 4 + (4 if raw[1] == 4 else 16)
+    if len(raw) < size:
+        return None
+    if len(raw) > size:
+        raise ProtocolError("address echo: trailing bytes")
+    port = (raw[2] << 8) | raw[3]
+    if port == 0:
+        raise ProtocolError("address echo: port 0")
+    return str(ipaddress.ip_address(raw[4:])), port
 
 
 @dataclass
@@ -528,6 +573,9 @@ class Session:
             del buf[:HEADER_LEN]
             if header[:4] != MAGIC:
                 raise ProtocolError("not a crust peer (bad magic)")
+            if header[4] == ECHO_VERSION and not self.initiator:
+                self._answer_echo(header)
+                return
             if header[4] != VERSION:
                 self._emit_raw(bytes([STATUS_VERSION]))
                 raise VersionMismatch(
@@ -558,6 +606,18 @@ class Session:
             msg = bytes(buf[2 : 2 + n])
             del buf[: 2 + n]
             self._handshake_message(msg, now)
+
+    def _answer_echo(self, header: bytes) -> None:
+        """An address echo request instead of a handshake: answer it and close."""
+        if header[5:] != self.params.header[5:]:
+            self._emit_raw(bytes([STATUS_NETWORK_MISMATCH]))
+            raise NetworkMismatch("peer belongs to another network")
+        address = _host_port(self._observed)
+        if address is None:
+            raise ProtocolError("address echo: no address to report")
+        self._inbuf.clear()
+        self._emit_raw(encode_echo_reply(address))
+        self._finish(Closed(CloseCode.NORMAL, "address echo", by_peer=False))
 
     def _handshake_message(self, msg: bytes, now: float) -> None:
         noise = self._noise
@@ -961,3 +1021,17 @@ def _sanitize_hello(hello: dict[str, Any]) -> dict[str, Any]:
     if role in ("node", "client"):
         out["role"] = role
     return out
+
+
+def _host_port(contact: str | None) -> tuple[str, int] | None:
+    """``(ip, port)`` of a ``scheme://ip:port`` string (IPv6 in brackets), else None."""
+    if not contact or "://" not in contact:
+        return None
+    rest = contact.split("://", 1)[1].split("#", 1)[0]
+    host, _, port = rest.rpartition(":")
+    host = host.strip("[]")
+    try:
+        ip, number = str(ipaddress.ip_address(host)), int(port)
+    except ValueError:
+        return None
+    return (ip, number) if 0 < number < 65536 else None
