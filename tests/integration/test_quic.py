@@ -16,8 +16,10 @@ from aioquic.quic import events as qe
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.packet import QuicPacketType, pull_quic_header
+from aioquic.tls import Group
 
 from crust.aio.quic import (
+    DialerQuicConnection,
     QuicLink,
     QuicSettings,
     alpn_for,
@@ -254,6 +256,18 @@ def test_aioquic_internals_we_rely_on_still_exist() -> None:
     assert callable(QuicConnection._initialize)
     assert quic.tls._request_client_certificate is False
     assert quic.tls._peer_certificate is None and quic.tls._peer_certificate_chain == []
+
+
+def test_a_dialer_offers_a_single_x25519_key_share() -> None:
+    """The dialer narrows aioquic's private group list so its ClientHello carries one key
+    share; the other three keys are never generated."""
+    config = QuicConfiguration(is_client=True, alpn_protocols=["x"])
+    config.verify_mode = ssl.CERT_NONE
+    quic = DialerQuicConnection(configuration=config)
+    quic.connect(("127.0.0.1", 9), now=0.0)
+    assert quic.tls._supported_groups == [Group.X25519]
+    assert quic.tls._x25519_private_key is not None
+    assert quic.tls._x448_private_key is None and quic.tls._ec_private_keys == []
 
 
 @pytest.mark.parametrize(("configured", "expected"), [(None, 16_384), (1200, 1200), (1350, 1350)])
