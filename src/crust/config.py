@@ -86,6 +86,14 @@ class Config:
     max_connections: int = 1024
     max_connections_per_ip: int = 64
     max_pending_handshakes: int = 256
+    max_peer_bytes_per_second: int = 1024 * MiB
+    """Bytes per second one connection may send us on average (everything it sends:
+    handshake, messages, control, relayed traffic); a peer beyond it and its burst is cut
+    off (``AbuseDetected(kind="flood")``) and refused for a while. Generous by default:
+    lower it to what your application expects from a peer."""
+    max_peer_burst_bytes: int = 1024 * MiB
+    """Bytes one connection may send at once above that rate (its token bucket's size;
+    at least one read, 256 KiB; keep it above ``max_message_size``)."""
     keylog_file: Path | None = None
 
     def __post_init__(self) -> None:
@@ -305,5 +313,7 @@ _CHECKS: dict[str, Any] = {
     "max_connections": _int_range(1, 1_000_000),
     "max_connections_per_ip": _int_range(1, 1_000_000),
     "max_pending_handshakes": _int_range(1, 1_000_000),
+    "max_peer_bytes_per_second": _int_range(1024, 1 << 40),
+    "max_peer_burst_bytes": _int_range(256 * 1024, 1 << 40),
     "keylog_file": _path_or_none,
 }

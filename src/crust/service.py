@@ -11,7 +11,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from crust import errors
-from crust.aio.connection import Connection, closed_reason
+from crust.aio.connection import Connection, RateLimit, closed_reason
 from crust.aio.discovery import Gossip, LanDiscovery
 from crust.aio.eventqueue import EventQueue, EventStream
 from crust.aio.keylog import KeyLog
@@ -65,6 +65,9 @@ MAX_KNOWN_PEERS = 4096
 MAX_CONTACTS_PER_PEER = 16
 HANDOVER_TIMEOUT = 10.0
 """How long the greater peer id waits for the other side to close a replaced relayed path."""
+FLOOD_PENALTY = 60.0
+"""Seconds a peer id cut off for sending beyond ``max_peer_bytes_per_second`` is refused."""
+MAX_PENALTIES = 4096
 
 
 class _Counters:
@@ -179,6 +182,8 @@ class Service:
         self._reachability: Reachability | None = None
         self._peer_roles: dict[PeerId, str] = {}
         self._abuse_reports = BucketMap(rate=0.1, burst=1.0)
+        self._penalties: dict[PeerId, float] = {}
+        """Peer ids refused until the given time (cut off for flooding)."""
         """What each connected peer says it is in its hello (``node`` once proven)."""
         self._tg: asyncio.TaskGroup | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -924,11 +929,34 @@ class Service:
         return reason
 
     def abuse(self, address: str, peer: PeerId | None, kind: str) -> None:
-        """Report repeated abuse (``AbuseDetected``: limits, floods), at most once per
-        address and kind every 10 s, so a flood cannot turn into a flood of events."""
+        """Report abuse (``AbuseDetected``: garbage, stalled handshakes, limits, floods…), at
+        most once per address and kind every 10 s, so a flood of bad connections cannot
+        turn into a flood of events (which would fill the event queue and pause reading)."""
         key = (address.rpartition(":")[0] if "://" in address else address, kind)
         if self._abuse_reports.take(key, asyncio.get_running_loop().time()):
             self._emit(AbuseDetected(address, peer, kind))
+
+    def over_limit(self, conn: Connection) -> None:
+        """``conn`` sent more than ``max_peer_bytes_per_second`` (plus the burst) allows:
+        cut it off at once, report it and refuse its peer id for :data:`FLOOD_PENALTY`."""
+        peer = conn.peer_id
+        self._counters.limits_hit += 1
+        self.abuse(conn.remote, peer, "flood")
+        if peer is not None:
+            now = asyncio.get_running_loop().time()
+            if peer not in self._penalties and len(self._penalties) >= MAX_PENALTIES:
+                del self._penalties[next(iter(self._penalties))]
+            self._penalties[peer] = now + FLOOD_PENALTY
+        conn.abort(CloseCode.LIMIT, "over max_peer_bytes_per_second")
+
+    def _penalized(self, peer: PeerId) -> bool:
+        until = self._penalties.get(peer)
+        if until is None:
+            return False
+        if until > asyncio.get_running_loop().time():
+            return True
+        del self._penalties[peer]
+        return False
 
     def _limit_refusal(self, host: str) -> str | None:
         cfg = self.config
@@ -969,6 +997,10 @@ class Service:
             remote=remote,
             local=local,
             path=path,
+        )
+        cfg = self.config
+        conn.rx_limit = RateLimit(
+            cfg.max_peer_bytes_per_second, cfg.max_peer_burst_bytes, loop.time()
         )
         self._conns.add(conn)
         if initiator:
@@ -1177,8 +1209,7 @@ class Service:
         if isinstance(err, errors.ProtocolError) and not isinstance(
             err, errors.NetworkMismatch | errors.VersionMismatch
         ):
-            kind = "timeout" if isinstance(err, TimeoutError) else "garbage"
-            self._emit(AbuseDetected(conn.remote, peer, kind))
+            self.abuse(conn.remote, peer, _abuse_kind(err))
         if event.code == CloseCode.TIMEOUT and conn.session.peer_id is not None and err is None:
             c.heartbeat_timeouts += 1
         if peer is not None and self._active.get(peer) is conn:
@@ -1442,6 +1473,8 @@ class Service:
     def _peer_allowed(self, peer: PeerId, host: str) -> bool:
         if peer in self._black_peers or self._in_nets(host, self._black_nets):
             return False
+        if self._penalties and self._penalized(peer):
+            return False
         if self._white_peers or self._white_nets:
             return peer in self._white_peers or self._in_nets(host, self._white_nets)
         return True
@@ -1523,6 +1556,17 @@ class Service:
 
 class _Duplicate(errors.Refused):
     """The greater peer id closed this connection because it keeps another one."""
+
+
+def _abuse_kind(err: errors.ProtocolError) -> str:
+    """The ``AbuseDetected.kind`` of a connection that failed with ``err``."""
+    if isinstance(err, TimeoutError):
+        return "timeout"
+    if isinstance(err, errors.OversizedInput):
+        return "oversized"
+    if isinstance(err, errors.PeerAuthenticationError):
+        return "impersonation"
+    return "garbage"
 
 
 def _ready_error(event: Closed) -> BaseException:
