@@ -19,11 +19,11 @@ from crust.aio.portmap import GrantedMapping, MappingRequest, PortMapper, is_pri
 from crust.aio.quic import QuicLink, QuicSettings
 from crust.aio.stun import StunDispatcher
 from crust.aio.tcp import TcpProtocol, sock_contact
-from crust.aio.udp_mux import Address, UdpMux
+from crust.aio.udp_mux import DROPPED_STATS, Address, UdpMux
 from crust.bootstrap import Bootstrapper
 from crust.ca import TrustStore
 from crust.config import Config, parse_acl_entry
-from crust.contact import Contact, expand_wildcard
+from crust.contact import Contact, expand_wildcard, format_address
 from crust.events import (
     AbuseDetected,
     ConnectFailed,
@@ -68,6 +68,9 @@ HANDOVER_TIMEOUT = 10.0
 FLOOD_PENALTY = 60.0
 """Seconds a peer id cut off for sending beyond ``max_peer_bytes_per_second`` is refused."""
 MAX_PENALTIES = 4096
+JUNK_LIMIT = (200.0, 1000.0)
+"""Refused datagrams per second (and burst) one source IP may send to a UDP socket of ours
+before the rest of its unrouted datagrams are dropped unread (``UdpMux.junk_limit``)."""
 
 
 class _Counters:
@@ -446,6 +449,8 @@ class Service:
         is also a STUN server on its QUIC port, and our own client transactions), then
         punching and address echo (traversal)."""
         StunDispatcher.for_mux(mux).responder = StunResponder(allow_response_port=False)
+        mux.junk_limit = JUNK_LIMIT
+        mux.on_abuse = lambda addr, kind: self.abuse(format_address("quic", addr), None, kind)
         if self.config.keylog_file is not None:
             # debugging with Wireshark: a capture on this host sees a GSO send as one
             # oversized packet, so send datagram by datagram while the key log is on
@@ -1523,6 +1528,11 @@ class Service:
             abuse_events=sum(c.abuse.values()),
             abuse_by_kind=dict(c.abuse),
             limits_hit=c.limits_hit,
+            datagrams_dropped=sum(
+                mux.stats[name]
+                for mux in [*self._muxes, *self._client_muxes.values()]
+                for name in DROPPED_STATS
+            ),
             **self._traversal_counters(),
             punches_by_nat_pair={
                 k: (v[0], v[1])
@@ -1544,6 +1554,7 @@ class Service:
             "punch_failures",
             "introductions_forwarded",
             "introductions_refused",
+            "punch_datagrams_dropped",
         )
         out = {name: t[name] for name in names}
         if self._relay is not None:
