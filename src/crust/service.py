@@ -149,6 +149,10 @@ class Service:
         )
         self._events = EventQueue(cfg.event_queue_size, self._pause_reading, self._resume_reading)
         self._conns: set[Connection] = set()
+        self._conn_hosts: dict[Connection, str] = {}
+        self._per_host: dict[str, int] = {}
+        """Connections by remote host (max_connections_per_ip is checked on every accept:
+        counting them by parsing every connection's address made a storm quadratic)."""
         self._active: dict[PeerId, Connection] = {}
         self._ready: dict[Connection, asyncio.Future[PeerId]] = {}
         self._peer_waiters: dict[PeerId, list[asyncio.Future[None]]] = {}
@@ -970,8 +974,7 @@ class Service:
         pending = sum(1 for c in self._conns if c.session.state is State.HANDSHAKE)
         if pending >= cfg.max_pending_handshakes:
             return "max_pending_handshakes reached"
-        same_ip = sum(1 for c in self._conns if Contact.parse(c.remote).host == host)
-        if same_ip >= cfg.max_connections_per_ip:
+        if self._per_host.get(host, 0) >= cfg.max_connections_per_ip:
             return "max_connections_per_ip reached"
         return None
 
@@ -1008,6 +1011,9 @@ class Service:
             cfg.max_peer_bytes_per_second, cfg.max_peer_burst_bytes, loop.time()
         )
         self._conns.add(conn)
+        host = Contact.parse(remote).host
+        self._conn_hosts[conn] = host
+        self._per_host[host] = self._per_host.get(host, 0) + 1
         if initiator:
             self._ready[conn] = loop.create_future()
         conn.on_close.append(self._on_conn_closed)
@@ -1244,6 +1250,13 @@ class Service:
         if self._relay is not None:
             self._relay.connection_closed(conn)
         self._conns.discard(conn)
+        host = self._conn_hosts.pop(conn, None)
+        if host is not None:
+            left = self._per_host[host] - 1
+            if left:
+                self._per_host[host] = left
+            else:
+                del self._per_host[host]
         self._replaced.discard(conn)
         self._counters.absorb(conn.session, conn.transport_name)
         peer = conn.peer_id
