@@ -89,8 +89,9 @@ class Config:
     max_peer_bytes_per_second: int = 1024 * MiB
     """Bytes per second one connection may send us on average (everything it sends:
     handshake, messages, control, relayed traffic); a peer beyond it and its burst is cut
-    off (``AbuseDetected(kind="flood")``) and refused for a while. Generous by default:
-    lower it to what your application expects from a peer."""
+    off (``AbuseDetected(kind="flood")``), and its peer id and new connections from its
+    address are refused for a minute. Generous by default: lower it to what your
+    application expects from a peer."""
     max_peer_burst_bytes: int = 1024 * MiB
     """Bytes one connection may send at once above that rate (its token bucket's size;
     at least one read, 256 KiB; keep it above ``max_message_size``)."""

@@ -18,7 +18,7 @@ from crust.aio.keylog import KeyLog
 from crust.aio.portmap import GrantedMapping, MappingRequest, PortMapper, is_private_external
 from crust.aio.quic import QuicLink, QuicSettings
 from crust.aio.stun import StunDispatcher
-from crust.aio.tcp import TcpProtocol, sock_contact
+from crust.aio.tcp import TcpListener, TcpProtocol, sock_contact
 from crust.aio.udp_mux import DROPPED_STATS, Address, UdpMux
 from crust.bootstrap import Bootstrapper
 from crust.ca import TrustStore
@@ -66,7 +66,9 @@ MAX_CONTACTS_PER_PEER = 16
 HANDOVER_TIMEOUT = 10.0
 """How long the greater peer id waits for the other side to close a replaced relayed path."""
 FLOOD_PENALTY = 60.0
-"""Seconds a peer id cut off for sending beyond ``max_peer_bytes_per_second`` is refused."""
+"""Seconds a peer cut off for sending beyond ``max_peer_bytes_per_second`` is refused: its
+peer id, and new connections from its address (a flooder could otherwise come back with a
+fresh identity for a fresh burst; the address's established connections stay up)."""
 MAX_PENALTIES = 4096
 JUNK_LIMIT = (200.0, 1000.0)
 """Refused datagrams per second (and burst) one source IP may send to a UDP socket of ours
@@ -150,6 +152,8 @@ class Service:
         self._events = EventQueue(cfg.event_queue_size, self._pause_reading, self._resume_reading)
         self._conns: set[Connection] = set()
         self._conn_hosts: dict[Connection, str] = {}
+        self._handshaking: set[Connection] = set()
+        """Connections whose handshake is still running (max_pending_handshakes)."""
         self._per_host: dict[str, int] = {}
         """Connections by remote host (max_connections_per_ip is checked on every accept:
         counting them by parsing every connection's address made a storm quadratic)."""
@@ -163,7 +167,7 @@ class Service:
         self._draining: set[Connection] = set()
         """Replaced (relayed) connections still delivering what was in flight."""
         """Connections whose messages wait for the connection they replace to drain."""
-        self._servers: list[asyncio.Server] = []
+        self._servers: list[TcpListener] = []
         self._muxes: list[UdpMux] = []
         """QUIC listeners: one UDP socket each, also used to dial out."""
         self._client_muxes: dict[str, UdpMux] = {}
@@ -189,9 +193,9 @@ class Service:
         self._reachability: Reachability | None = None
         self._peer_roles: dict[PeerId, str] = {}
         self._abuse_reports = BucketMap(rate=0.1, burst=1.0)
-        self._penalties: dict[PeerId, float] = {}
-        """Peer ids refused until the given time (cut off for flooding)."""
         """What each connected peer says it is in its hello (``node`` once proven)."""
+        self._penalties: dict[PeerId | str, float] = {}
+        """Peer ids and hosts refused until the given time (cut off for flooding)."""
         self._tg: asyncio.TaskGroup | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._bootstrapper = Bootstrapper(
@@ -317,14 +321,13 @@ class Service:
     # ================================================================= listeners
 
     async def _listen_tcp(self, contact: Contact) -> None:
-        loop = asyncio.get_running_loop()
         try:
-            server = await loop.create_server(
-                lambda: TcpProtocol(self._make_inbound),
-                host=contact.host,
-                port=contact.port,
-                reuse_address=True,
-                reuse_port=hasattr(socket, "SO_REUSEPORT"),
+            server = TcpListener.bind(
+                contact.host,
+                contact.port,
+                self._make_inbound,
+                self._refuse_inbound,
+                self._spawn,
                 backlog=1024,
             )
         except OSError as exc:
@@ -891,10 +894,23 @@ class Service:
 
     # ================================================================= connections
 
-    def _make_inbound(self, transport: asyncio.Transport) -> Connection | None:
-        remote = sock_contact(transport, "peername")
-        host = Contact.parse(remote).host
+    def _refuse_inbound(self, host: str) -> bool:
+        """A TCP connection from ``host`` was just accepted: refuse it before anything is
+        built for it? (blacklist, limits, a flooder's address)"""
         reason = self._inbound_refusal(host)
+        if reason is None:
+            return False
+        self._counters.refused += 1
+        log.debug("refused inbound from %s: %s", host, reason)
+        return True
+
+    def _make_inbound(self, transport: asyncio.Transport) -> Connection | None:
+        peername = transport.get_extra_info("peername")
+        if not peername:
+            return None  # reset before we got to it: nobody to talk to
+        host = peername[0].partition("%")[0]
+        reason = self._inbound_refusal(host)
+        remote = sock_contact(transport, "peername")
         if reason is not None:
             self._counters.refused += 1
             log.debug("refused inbound from %s: %s", remote, reason)
@@ -929,6 +945,9 @@ class Service:
         if self._address_blocked(host):
             self._counters.blacklisted += 1
             return "address blacklisted"
+        if self._penalties and self._penalized(host):
+            self._counters.limits_hit += 1
+            return "address cut off for flooding"
         reason = self._limit_refusal(host)
         if reason is not None:
             self._counters.limits_hit += 1
@@ -947,32 +966,36 @@ class Service:
 
     def over_limit(self, conn: Connection) -> None:
         """``conn`` sent more than ``max_peer_bytes_per_second`` (plus the burst) allows:
-        cut it off at once, report it and refuse its peer id for :data:`FLOOD_PENALTY`."""
+        cut it off at once, report it, and refuse its peer id and new connections from its
+        address for :data:`FLOOD_PENALTY`."""
         peer = conn.peer_id
         self._counters.limits_hit += 1
         self.abuse(conn.remote, peer, "flood")
-        if peer is not None:
-            now = asyncio.get_running_loop().time()
-            if peer not in self._penalties and len(self._penalties) >= MAX_PENALTIES:
-                del self._penalties[next(iter(self._penalties))]
-            self._penalties[peer] = now + FLOOD_PENALTY
+        until = asyncio.get_running_loop().time() + FLOOD_PENALTY
+        # the peer id, and the address it came from (a flooder with fresh identities would
+        # otherwise get a new burst per handshake) — not a relay node's address
+        host = self._conn_hosts.get(conn) if conn.path != "relayed" else None
+        for key in (peer, host):
+            if key is not None:
+                if key not in self._penalties and len(self._penalties) >= MAX_PENALTIES:
+                    del self._penalties[next(iter(self._penalties))]
+                self._penalties[key] = until
         conn.abort(CloseCode.LIMIT, "over max_peer_bytes_per_second")
 
-    def _penalized(self, peer: PeerId) -> bool:
-        until = self._penalties.get(peer)
+    def _penalized(self, key: PeerId | str) -> bool:
+        until = self._penalties.get(key)
         if until is None:
             return False
         if until > asyncio.get_running_loop().time():
             return True
-        del self._penalties[peer]
+        del self._penalties[key]
         return False
 
     def _limit_refusal(self, host: str) -> str | None:
         cfg = self.config
         if len(self._conns) >= cfg.max_connections:
             return "max_connections reached"
-        pending = sum(1 for c in self._conns if c.session.state is State.HANDSHAKE)
-        if pending >= cfg.max_pending_handshakes:
+        if len(self._handshaking) >= cfg.max_pending_handshakes:
             return "max_pending_handshakes reached"
         if self._per_host.get(host, 0) >= cfg.max_connections_per_ip:
             return "max_connections_per_ip reached"
@@ -1011,6 +1034,7 @@ class Service:
             cfg.max_peer_bytes_per_second, cfg.max_peer_burst_bytes, loop.time()
         )
         self._conns.add(conn)
+        self._handshaking.add(conn)
         host = Contact.parse(remote).host
         self._conn_hosts[conn] = host
         self._per_host[host] = self._per_host.get(host, 0) + 1
@@ -1063,6 +1087,7 @@ class Service:
 
     def session_event(self, conn: Connection, event: SessionEvent) -> None:
         if isinstance(event, HandshakeCompleted):
+            self._handshaking.discard(conn)
             self._on_handshake(conn, event)
         elif isinstance(event, Selected):
             if conn.peer_id is not None and conn.peer_id < self.peer_id:
@@ -1250,6 +1275,7 @@ class Service:
         if self._relay is not None:
             self._relay.connection_closed(conn)
         self._conns.discard(conn)
+        self._handshaking.discard(conn)
         host = self._conn_hosts.pop(conn, None)
         if host is not None:
             left = self._per_host[host] - 1
