@@ -73,6 +73,7 @@ async def honest(cmd: dict[str, Any], pipe: Pipe) -> dict[str, Any]:
     """Connect to the node, time ``count`` probes (idle), report, wait for "go", time
     ``count`` more (under attack)."""
     loop = asyncio.get_running_loop()
+    pin(set(cmd["node_cpus"]) if cmd.get("node_cpus") else None)
     cfg = crust.Config.for_testing(listen=())
     async with crust.Service(cfg) as svc:
         node = await svc.connect(cmd["tcp"])
@@ -99,9 +100,21 @@ async def honest(cmd: dict[str, Any], pipe: Pipe) -> dict[str, Any]:
     return {"attacked": attacked}
 
 
+def pin(cpus: set[int] | None) -> set[int] | None:
+    """Run this process on ``cpus`` only (Linux), when the machine has them; returns the
+    CPUs it runs on (None where affinity is not supported)."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    usable = os.sched_getaffinity(0)
+    if cpus and cpus <= usable and cpus != usable:
+        os.sched_setaffinity(0, cpus)
+    return os.sched_getaffinity(0)
+
+
 async def attack(cmd: dict[str, Any], pipe: Pipe) -> dict[str, Any]:
     """Flood peer and handshake storm against the node until the parent says "stop"."""
     loop = asyncio.get_running_loop()
+    cpus = pin(set(cmd["attacker_cpus"]) if cmd.get("attacker_cpus") else None)
     stop = asyncio.Event()
     host, port = host_port(cmd["tcp"].split("://", 1)[1].split("#", 1)[0])
     counts = {"flood_connections": 0, "flood_messages": 0, "flood_refused": 0, "half_open": 0}
@@ -151,7 +164,12 @@ async def attack(cmd: dict[str, Any], pipe: Pipe) -> dict[str, Any]:
                     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
                     s.close()
 
-    tasks = [asyncio.ensure_future(flood()), asyncio.ensure_future(storm())]
+    kinds = cmd.get("attacks", ["flood", "storm"])
+    tasks = [
+        asyncio.ensure_future(job())
+        for name, job in (("flood", flood), ("storm", storm))
+        if name in kinds
+    ]
     pipe.send({"started": True})
     await loop.run_in_executor(None, pipe.recv)  # "stop"
     stop.set()
@@ -162,7 +180,7 @@ async def attack(cmd: dict[str, Any], pipe: Pipe) -> dict[str, Any]:
     for t in done:
         if not t.cancelled() and t.exception() is not None:
             raise t.exception()  # type: ignore[misc]
-    return counts
+    return {**counts, "attacker_cpus": sorted(cpus) if cpus else None}
 
 
 HANDLERS = {"honest": honest, "attack": attack}
@@ -172,13 +190,21 @@ HANDLERS = {"honest": honest, "attack": attack}
 
 
 async def _node(
-    count: int, say: Progress, timeout: float
+    count: int, say: Progress, timeout: float, pin_cpus: bool, attacks: list[str]
 ) -> tuple[list[float], list[float], dict[str, Any]]:
     cfg = crust.Config.for_testing(**NODE_LIMITS)  # TCP and QUIC on 127.0.0.1
     ctx = multiprocessing.get_context("spawn")
     loop = asyncio.get_running_loop()
     good = Worker(ctx, "bench-honest", MODULE)
     bad = Worker(ctx, "bench-attacker", MODULE)
+    # the attacker stands for other machines: with two CPUs or more, it gets its own, and
+    # the node and its honest peer share the first (both phases alike)
+    usable = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    node_cpus: list[int] | None = None
+    attacker_cpus: list[int] | None = None
+    if pin_cpus and len(usable) >= 2:
+        node_cpus, attacker_cpus = usable[:1], usable[1:]
+        pin(set(node_cpus))
     abuse: dict[str, int] = {}
     flood_messages = 0
     try:
@@ -199,7 +225,14 @@ async def _node(
             tcp, quic = (
                 next(c for c in node.contacts() if c.startswith(s)) for s in ("tcp", "quic")
             )
-            extra = {"timeout": timeout, "tcp": tcp, "quic": quic}
+            extra = {
+                "timeout": timeout,
+                "tcp": tcp,
+                "quic": quic,
+                "node_cpus": node_cpus,
+                "attacker_cpus": attacker_cpus,
+                "attacks": attacks,
+            }
             say(f"idle: {count} probes")
             good.send({"op": "honest", "count": count, **extra})
             idle = (await loop.run_in_executor(None, good.recv, timeout))["idle"]
@@ -225,6 +258,7 @@ async def _node(
         "node_limits_hit": after.limits_hit - before.limits_hit,
         "node_handshake_failures": after.handshake_failures - before.handshake_failures,
         "node_limits": NODE_LIMITS,
+        "node_cpus": node_cpus,
     }
     return idle, attacked, details
 
@@ -232,7 +266,8 @@ async def _node(
 def run(args: argparse.Namespace, say: Progress) -> dict[str, Any]:
     count = 200 if args.quick else 1500
     timeout = 60.0
-    idle, attacked, details = asyncio.run(_node(count, say, timeout))
+    attacks = ["flood", "storm"] if args.attack == "both" else [args.attack]
+    idle, attacked, details = asyncio.run(_node(count, say, timeout, not args.no_pin, attacks))
     figures = []
     for p in (50, 99):
         a, b = pct(attacked, p) * 1e3, pct(idle, p) * 1e3
@@ -268,6 +303,21 @@ def cli(argv: list[str] | None = None) -> int:
         run=run,
         title="crust under attack: honest round trip",
         baseline="the same node idle",
+        add_arguments=_arguments,
+    )
+
+
+def _arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="do not give the attacker its own CPU (all processes share every CPU)",
+    )
+    parser.add_argument(
+        "--attack",
+        choices=("both", "flood", "storm"),
+        default="both",
+        help="which attack runs during the second phase (default: both at once)",
     )
 
 

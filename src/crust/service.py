@@ -70,6 +70,13 @@ FLOOD_PENALTY = 60.0
 peer id, and new connections from its address (a flooder could otherwise come back with a
 fresh identity for a fresh burst; the address's established connections stay up)."""
 MAX_PENALTIES = 4096
+FAILED_HANDSHAKES = (10.0, 100.0)
+"""Inbound handshakes per second (and burst) that may fail (garbage, a reset, a stall) from
+one address; beyond that the address is refused for :data:`FAILURE_PENALTY` seconds, so a
+storm of half-open connections cannot keep the node building and tearing down sessions
+(honest peers' handshakes do not fail: they are never counted)."""
+FAILURE_PENALTY = 10.0
+PENALIZED = "address cut off for a while (flood or failed handshakes)"
 JUNK_LIMIT = (200.0, 1000.0)
 """Refused datagrams per second (and burst) one source IP may send to a UDP socket of ours
 before the rest of its unrouted datagrams are dropped unread (``UdpMux.junk_limit``)."""
@@ -195,7 +202,8 @@ class Service:
         self._abuse_reports = BucketMap(rate=0.1, burst=1.0)
         """What each connected peer says it is in its hello (``node`` once proven)."""
         self._penalties: dict[PeerId | str, float] = {}
-        """Peer ids and hosts refused until the given time (cut off for flooding)."""
+        """Peer ids and hosts refused until the given time (flooding, failed handshakes)."""
+        self._failures = BucketMap(*FAILED_HANDSHAKES, limit=MAX_PENALTIES)
         self._tg: asyncio.TaskGroup | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._bootstrapper = Bootstrapper(
@@ -382,6 +390,9 @@ class Service:
     ) -> QuicLink | None:
         """A new validated QUIC client (after Retry): refuse early or create its link."""
         reason = self._inbound_refusal(addr[0])
+        if reason == PENALIZED:
+            self._counters.refused += 1
+            return None  # no TLS work for an address we cut off: its Initials are dropped
         link = QuicLink.accept(
             mux,
             addr,
@@ -947,7 +958,7 @@ class Service:
             return "address blacklisted"
         if self._penalties and self._penalized(host):
             self._counters.limits_hit += 1
-            return "address cut off for flooding"
+            return PENALIZED
         reason = self._limit_refusal(host)
         if reason is not None:
             self._counters.limits_hit += 1
@@ -971,16 +982,18 @@ class Service:
         peer = conn.peer_id
         self._counters.limits_hit += 1
         self.abuse(conn.remote, peer, "flood")
-        until = asyncio.get_running_loop().time() + FLOOD_PENALTY
         # the peer id, and the address it came from (a flooder with fresh identities would
         # otherwise get a new burst per handshake) — not a relay node's address
         host = self._conn_hosts.get(conn) if conn.path != "relayed" else None
         for key in (peer, host):
             if key is not None:
-                if key not in self._penalties and len(self._penalties) >= MAX_PENALTIES:
-                    del self._penalties[next(iter(self._penalties))]
-                self._penalties[key] = until
+                self._penalize(key, FLOOD_PENALTY)
         conn.abort(CloseCode.LIMIT, "over max_peer_bytes_per_second")
+
+    def _penalize(self, key: PeerId | str, seconds: float) -> None:
+        if key not in self._penalties and len(self._penalties) >= MAX_PENALTIES:
+            del self._penalties[next(iter(self._penalties))]
+        self._penalties[key] = asyncio.get_running_loop().time() + seconds
 
     def _penalized(self, key: PeerId | str) -> bool:
         until = self._penalties.get(key)
@@ -1246,6 +1259,16 @@ class Service:
             err, errors.NetworkMismatch | errors.VersionMismatch
         ):
             self.abuse(conn.remote, peer, _abuse_kind(err))
+            host = self._conn_hosts.get(conn)
+            if (
+                conn in self._handshaking
+                and not conn.outbound
+                and conn.path != "relayed"
+                and host is not None
+                and not self._failures.take(host, asyncio.get_running_loop().time())
+            ):
+                self._penalize(host, FAILURE_PENALTY)
+                self.abuse(host, None, "handshake")
         if event.code == CloseCode.TIMEOUT and conn.session.peer_id is not None and err is None:
             c.heartbeat_timeouts += 1
         if peer is not None and self._active.get(peer) is conn:

@@ -258,8 +258,9 @@ async def test_ten_thousand_half_open_tcp_handshakes_from_one_address(
     late = await RawTcp.open(target)
     await asyncio.wait_for(late.closed, TIMEOUT)  # refused: closed without a handshake
     assert late.received == b""
-    limit = await w.node_pump.wait(AbuseDetected, lambda e: e.kind == "limit")
-    assert limit.address == ATTACKER and limit.peer is None
+    # cut off: its handshakes kept failing (and it held its connection quota)
+    cut = await w.node_pump.wait(AbuseDetected, lambda e: e.kind == "handshake")
+    assert cut.address == ATTACKER and cut.peer is None
     await w.node_pump.wait(AbuseDetected, lambda e: e.kind == "garbage")
     close_all(held, reset=True)
     await all_closed(node, from_attacker(node))
@@ -278,7 +279,7 @@ async def test_ten_thousand_half_open_tcp_handshakes_from_one_address(
     # one report per address and kind every 10 s, however many connections
     abuse = w.node_pump.of(AbuseDetected)
     kinds = {e.kind for e in abuse}
-    assert kinds <= {"limit", "garbage", "timeout"}, abuse
+    assert kinds <= {"limit", "garbage", "timeout", "handshake"}, abuse
     assert len(abuse) <= len(kinds) * (1 + int(storm_seconds // 10)), abuse
     assert not from_attacker(node)
     # Bound: at most 64 live handshakes of the attacker (a session with its Noise state and
@@ -692,7 +693,7 @@ async def test_a_valid_peer_flooding_messages_is_cut_off(
     rate, burst = 256 * 1024, 512 * 1024
     w = await arena.world(transport, max_peer_bytes_per_second=rate, max_peer_burst_bytes=burst)
     node = w.node
-    f, fpump = await arena.service(listen=())
+    f, fpump = await arena.service(listen=(), connect_timeout=1.0)
     await f.connect(contact(node, transport))
     await node_connected(w, f)
     payload = os.urandom(64)
@@ -728,7 +729,7 @@ async def test_a_valid_peer_flooding_messages_is_cut_off(
     # keeps working)
     with pytest.raises(errors.CrustError):
         await f.connect(contact(node, transport))
-    f2, _ = await arena.service(listen=())
+    f2, _ = await arena.service(listen=(), connect_timeout=1.0)
     with pytest.raises(errors.CrustError):
         await f2.connect(contact(node, transport))
     assert len(w.node_pump.of(PeerConnected, lambda e: e.peer in (f.peer_id, f2.peer_id))) == 1
@@ -747,16 +748,21 @@ def fw(frm: PeerId, inner: dict[str, Any]) -> dict[str, Any]:
     return {"t": "fw", "from": bytes(frm), "m": inner}
 
 
-async def flush_controls(sender: Service, receiver_pump: Pump, to: PeerId) -> None:
-    """Control frames are handled in order: once a message sent after them has arrived,
-    they have all been handled."""
-    token = os.urandom(8)
-    await sender.send(to, token)
-    async with asyncio.timeout(TIMEOUT):
-        while True:
-            ev = await receiver_pump.inbox.get()
-            if ev.data == token:
-                return
+async def flush_controls(sender: Service, to: PeerId) -> None:
+    """Wait until ``to`` has handled every control frame ``sender`` queued for it: a PING
+    queued after them (control frames go out in order) is answered only once they have
+    been read and handled."""
+    conn = sender._active[to]
+    pong = sender._pongs.setdefault(conn, asyncio.Event())
+    token = conn.session.ping(asyncio.get_running_loop().time())
+    conn.control_changed()
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            while token in conn.session._ping_sent:  # (a heartbeat's pong wakes us too)
+                pong.clear()
+                await pong.wait()
+    finally:
+        sender._pongs.pop(conn, None)
 
 
 async def test_forged_introductions_are_refused_and_counted(
@@ -793,7 +799,7 @@ async def test_forged_introductions_are_refused_and_counted(
     )
     # ... and to a peer the node is not connected to: refused
     m._send_control(node.peer_id, {"t": "fw", "to": os.urandom(32), "m": {"k": "intro", "id": 8}})
-    await flush_controls(m, w.node_pump, node.peer_id)
+    await flush_controls(m, node.peer_id)
     assert node.statistics().introductions_refused == 1
     await asyncio.wait_for(heard.wait(), TIMEOUT)
     assert introduced == [m.peer_id]  # B heard of M, never of A
@@ -809,7 +815,7 @@ async def test_forged_introductions_are_refused_and_counted(
         {"t": "fwe", "to": bytes(a.peer_id), "ref": 12345, "e": "no"},  # no introduction
     ):
         m._send_control(b.peer_id, payload)
-    await flush_controls(m, bpump, b.peer_id)
+    await flush_controls(m, b.peer_id)
     assert b.statistics().introductions_refused == refused0 + 6
     assert introduced == [m.peer_id]  # none of these got as far as an introduction
     assert a.peer_id not in b._traversal._punches  # type: ignore[union-attr]
@@ -817,7 +823,7 @@ async def test_forged_introductions_are_refused_and_counted(
     for i in range(20):
         stranger = Identity.generate().peer_id
         m._send_control(b.peer_id, fw(stranger, {"k": "intro", "id": 100 + i, "n": nonce}))
-    await flush_controls(m, bpump, b.peer_id)
+    await flush_controls(m, b.peer_id)
     punches = b._traversal._punches  # type: ignore[union-attr]
     by_m = [p for p in punches.values() if p.via is not None and p.via.peer_id == m.peer_id]
     assert len(by_m) <= 4
@@ -897,13 +903,13 @@ async def test_relay_requests_and_oversized_relay_traffic_are_refused(
     m._send_control(to_node, {"t": "ro", "to": os.urandom(32), "c": 5})
     # data for a circuit that does not exist
     m._send_control(to_node, {"t": "rd", "c": 999, "d": b"x"})
-    await flush_controls(m, w.node_pump, to_node)
+    await flush_controls(m, to_node)
     assert node.statistics().relay_refused == 2
     # a real circuit to C (C accepts), then one chunk larger than allowed
     m._send_control(to_node, {"t": "ro", "to": bytes(c.peer_id), "c": 6})
     await asyncio.wait_for(accepted[6].wait(), TIMEOUT)
     m._send_control(to_node, {"t": "rd", "c": 6, "d": bytes(MAX_CHUNK + 1)})
-    await flush_controls(m, w.node_pump, to_node)
+    await flush_controls(m, to_node)
     assert node.statistics().relay_refused == 3
     ev = await w.node_pump.wait(AbuseDetected, lambda e: e.kind == "oversized")
     assert ev.peer == m.peer_id
@@ -914,7 +920,7 @@ async def test_relay_requests_and_oversized_relay_traffic_are_refused(
     c._pause_reading()
     for _ in range(12):
         m._send_control(to_node, {"t": "rd", "c": 7, "d": bytes(MAX_CHUNK)})
-    await flush_controls(m, w.node_pump, to_node)
+    await flush_controls(m, to_node)
     c._resume_reading()
     # refused at the chunk that overflowed the window, then each chunk for the circuit
     # that no longer exists
