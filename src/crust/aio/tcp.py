@@ -20,10 +20,12 @@ log = logging.getLogger("crust")
 READ_BUFFER = 256 * 1024
 WRITE_HIGH_WATER = 512 * 1024
 WRITE_LOW_WATER = 128 * 1024
-ACCEPT_BATCH = 16
-"""Connections a listener accepts per readiness callback. asyncio's own servers accept up to
-``backlog`` (1024) at once and build a transport for each, which let a storm of connection
-attempts hold the event loop for tens of milliseconds at a time."""
+ACCEPT_BATCH = 4
+"""Connections a listener accepts per readiness callback (the loop comes back to it after
+one round of the other ready sockets). asyncio's own servers accept up to ``backlog``
+(1024) at once and build a transport for each, which let a storm of connection attempts
+hold the event loop for tens of milliseconds at a time; 4 to 16 measured alike under a
+storm (docs/benchmarks.md, "Hostile peers")."""
 ACCEPT_PAUSE = 1.0
 """Seconds a listener stops accepting after running out of file descriptors."""
 LINGER_RESET = struct.pack("ii", 1, 0)
