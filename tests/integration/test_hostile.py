@@ -26,12 +26,14 @@ import msgpack
 import pytest
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import crust
 from crust import errors
 from crust.aio.connection import Connection
 from crust.aio.quic import alpn_for
-from crust.aio.udp_mux import UdpMux
+from crust.aio.udp_mux import DROPPED_STATS, UdpMux
 from crust.events import AbuseDetected, PeerConnected, PeerLost
 from crust.identity import Identity, PeerId
 from crust.proto import punch as pp
@@ -39,6 +41,9 @@ from crust.proto.noise import TAG_LEN
 from crust.proto.relay import MAX_CHUNK
 from crust.proto.session import (
     FRAME_HEADER,
+    HANDSHAKE_OVERHEAD,
+    HEADER_LEN,
+    MAX_HELLO,
     U16,
     U32,
     Kind,
@@ -954,3 +959,82 @@ async def test_connect_through_a_silent_node_ends_by_its_deadline(
     assert a.statistics().introductions_refused >= 1  # the unsolicited "fwe"
     assert node.is_connected(a.peer_id)
     await w.check_honest()
+
+
+# ============================================================================ 8. properties
+
+
+def _long_header(b: bytes) -> bytes:
+    return bytes([0xC0 | (b[0] & 0x3F)]) + b"\x00\x00\x00\x01" + b[1:]
+
+
+DATAGRAMS = st.one_of(
+    st.binary(max_size=1500),
+    st.binary(min_size=1, max_size=1400).map(_long_header),  # QUIC v1 long headers
+    st.binary(min_size=1, max_size=1400).map(lambda b: _long_header(b) + bytes(1200)),
+    st.binary(max_size=1400).map(lambda b: b"\x40" + b),  # short headers
+    st.binary(max_size=60).map(lambda b: pp.MAGIC + b),  # punch datagrams
+)
+
+
+@pytest.fixture(scope="module")
+def router() -> Iterator[UdpMux]:
+    """A listener's UDP socket (it refuses every connection) with a junk budget."""
+    loop = asyncio.new_event_loop()
+
+    async def bind() -> UdpMux:
+        return UdpMux.bind("127.0.0.1", 0, acceptor=lambda *args: None)
+
+    mux = loop.run_until_complete(bind())
+    mux.junk_limit = (5.0, 20.0)
+    mux.on_other_datagram = lambda data, addr: False  # nobody claims them
+    yield mux
+    mux.close()
+    loop.close()
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batch=st.lists(st.tuples(DATAGRAMS, st.sampled_from(("127.0.0.66", "127.0.0.67")))))
+def test_the_udp_router_takes_any_datagram(router: UdpMux, batch: list[tuple[bytes, str]]) -> None:
+    """Any datagram from anyone: the router never raises, every datagram is accounted for
+    exactly once, and refused ones stay within each address's junk budget."""
+    mux = router
+    mux._junk.clear()
+    counted = (*DROPPED_STATS, "other_datagrams", "retries_sent", "invalid_tokens")
+    before = sum(mux.stats[k] for k in counted)
+    looked0 = sum(mux.stats[k] for k in counted) - mux.stats["dropped_abuse"]
+    for data, host in batch:  # (Retries go to port 9 of a loopback address: discarded)
+        assert mux._route(data, (host, 9), now=1000.0) is None
+    assert sum(mux.stats[k] for k in counted) - before == len(batch)
+    looked = sum(mux.stats[k] for k in counted) - mux.stats["dropped_abuse"] - looked0
+    assert looked <= 2 * 20  # the burst of each of the two addresses (the clock stands still)
+
+
+HANDSHAKE_LIMIT = HANDSHAKE_OVERHEAD + MAX_HELLO + TAG_LEN
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    initiator=st.booleans(),
+    length=st.integers(0, 0xFFFF),
+    opened=st.booleans(),
+    chunks=st.lists(
+        st.one_of(st.binary(max_size=64), st.integers(1, 16384).map(bytes)), max_size=12
+    ),
+)
+def test_a_handshaking_session_never_holds_more_than_one_bounded_message(
+    initiator: bool, length: int, opened: bool, chunks: list[bytes]
+) -> None:
+    """Whatever arrives during the handshake — often a valid opening (the header, or the
+    status byte) and a length prefix of any size, then anything — a session buffers at most
+    one handshake message of the allowed size; anything else ends it with a ProtocolError."""
+    params = SessionParams(identity=Identity.generate(), network_name="crust")
+    session = Session(params, initiator=initiator, now=0.0)
+    start = (b"\x00" if initiator else handshake_header("crust")) + U16.pack(length)
+    for chunk in [start, *chunks] if opened else chunks:
+        session.receive_data(chunk, 0.0)
+        if session.closed:
+            assert session.closed_event is not None
+            assert isinstance(session.closed_event.error, errors.ProtocolError)
+            return
+        assert len(session._inbuf) <= HEADER_LEN + 1 + 2 + HANDSHAKE_LIMIT
