@@ -1038,3 +1038,21 @@ def test_a_handshaking_session_never_holds_more_than_one_bounded_message(
             assert isinstance(session.closed_event.error, errors.ProtocolError)
             return
         assert len(session._inbuf) <= HEADER_LEN + 1 + 2 + HANDSHAKE_LIMIT
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("max_peer_bytes_per_second", 0),
+        ("max_peer_bytes_per_second", 1.5),
+        ("max_peer_bytes_per_second", True),
+        ("max_peer_burst_bytes", 1024),  # below one read (256 KiB)
+        ("max_peer_burst_bytes", "1 MiB"),
+    ],
+)
+def test_the_peer_byte_budget_is_validated(field: str, value: object) -> None:
+    with pytest.raises(errors.ConfigError) as info:
+        crust.Config.for_testing(**{field: value})
+    assert info.value.field == field
+    cfg = crust.Config.for_testing()
+    assert cfg.max_peer_bytes_per_second == cfg.max_peer_burst_bytes == 1024 * MiB

@@ -248,8 +248,8 @@ class Connection:
         transport = self.transport
         if transport is not None and not transport.is_closing():
             final = self.session.closed_event
-            if final is not None and final.code == CloseCode.TIMEOUT:
-                transport.abort()  # the peer is gone: do not wait to flush
+            if final is not None and final.code in (CloseCode.TIMEOUT, CloseCode.LIMIT):
+                transport.abort()  # the peer is gone, or cut off: do not wait to flush
             else:
                 # a clean close: what the session still holds (queued messages packed before
                 # CLOSE) is handed over even while writing is paused, then the transport
