@@ -99,6 +99,15 @@ class Config:
     """Lifetime of one circuit."""
     relay_rate: int = 4 * MiB
     """Bytes per second one circuit may carry (token bucket)."""
+    max_peer_bytes_per_second: int = 1024 * MiB
+    """Bytes per second one connection may send us on average (everything it sends:
+    handshake, messages, control, relayed traffic); a peer beyond it and its burst is cut
+    off (``AbuseDetected(kind="flood")``), and its peer id and new connections from its
+    address are refused for a minute. Generous by default: lower it to what your
+    application expects from a peer."""
+    max_peer_burst_bytes: int = 1024 * MiB
+    """Bytes one connection may send at once above that rate (its token bucket's size;
+    at least one read, 256 KiB; keep it above ``max_message_size``)."""
     keylog_file: Path | None = None
 
     def __post_init__(self) -> None:
@@ -324,5 +333,7 @@ _CHECKS: dict[str, Any] = {
     "relay_max_bytes": _int_range(64 * 1024, 1 << 50),
     "relay_max_seconds": _seconds(1.0, 86400 * 365),
     "relay_rate": _int_range(64 * 1024, 1 << 40),
+    "max_peer_bytes_per_second": _int_range(1024, 1 << 40),
+    "max_peer_burst_bytes": _int_range(256 * 1024, 1 << 40),
     "keylog_file": _path_or_none,
 }

@@ -33,6 +33,11 @@ class ProtocolError(CrustError):
     """The remote sent bytes that break the protocol (malformed, oversized, out of order)."""
 
 
+class OversizedInput(ProtocolError):
+    """The remote announced or sent more than a limit allows (a length prefix, a message, a
+    handshake message or hello): refused before anything of that size is allocated."""
+
+
 class HandshakeError(ProtocolError):
     """The cryptographic handshake failed (a failed handshake is a broken protocol run)."""
 

@@ -117,8 +117,8 @@ class AbuseDetected(Event):
     address: str
     peer: PeerId | None
     kind: str
-    """What happened: ``"garbage"``, ``"oversized"``, ``"flood"``, ``"limit"``, ``"handshake"``,
-    ``"forged-signature"``…"""
+    """What happened: ``"garbage"``, ``"oversized"``, ``"impersonation"``, ``"timeout"``,
+    ``"flood"``, ``"limit"``, ``"handshake"``, ``"forged-signature"`` (docs/api.md)."""
 
 
 __all__ = [

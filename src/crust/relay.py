@@ -217,7 +217,8 @@ class Relay:
         except (errors.ProtocolError, errors.LimitExceeded) as exc:
             self._refuse_circuit(conn, cid, str(exc))
             if isinstance(exc, errors.ProtocolError):  # broke the circuit protocol
-                self.svc.abuse(conn.remote, conn.peer_id, "garbage")
+                kind = "oversized" if isinstance(exc, errors.OversizedInput) else "garbage"
+                self.svc.abuse(conn.remote, conn.peer_id, kind)
         return True
 
     def _refuse_circuit(self, conn: Connection, cid: int, reason: str) -> None:

@@ -11,19 +11,19 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from crust import errors
-from crust.aio.connection import Connection, closed_reason
+from crust.aio.connection import Connection, RateLimit, closed_reason
 from crust.aio.discovery import Gossip, LanDiscovery
 from crust.aio.eventqueue import EventQueue, EventStream
 from crust.aio.keylog import KeyLog
 from crust.aio.portmap import GrantedMapping, MappingRequest, PortMapper, is_private_external
 from crust.aio.quic import QuicLink, QuicSettings
 from crust.aio.stun import StunDispatcher
-from crust.aio.tcp import TcpProtocol, sock_contact
-from crust.aio.udp_mux import Address, UdpMux
+from crust.aio.tcp import TcpListener, TcpProtocol, sock_contact
+from crust.aio.udp_mux import DROPPED_STATS, Address, UdpMux
 from crust.bootstrap import Bootstrapper
 from crust.ca import TrustStore
 from crust.config import Config, parse_acl_entry
-from crust.contact import Contact, expand_wildcard
+from crust.contact import Contact, expand_wildcard, format_address
 from crust.events import (
     AbuseDetected,
     ConnectFailed,
@@ -66,6 +66,21 @@ MAX_KNOWN_PEERS = 4096
 MAX_CONTACTS_PER_PEER = 16
 HANDOVER_TIMEOUT = 10.0
 """How long the greater peer id waits for the other side to close a replaced relayed path."""
+FLOOD_PENALTY = 60.0
+"""Seconds a peer cut off for sending beyond ``max_peer_bytes_per_second`` is refused: its
+peer id, and new connections from its address (a flooder could otherwise come back with a
+fresh identity for a fresh burst; the address's established connections stay up)."""
+MAX_PENALTIES = 4096
+FAILED_HANDSHAKES = (10.0, 100.0)
+"""Inbound handshakes per second (and burst) that may fail (garbage, a reset, a stall) from
+one address; beyond that the address is refused for :data:`FAILURE_PENALTY` seconds, so a
+storm of half-open connections cannot keep the node building and tearing down sessions
+(honest peers' handshakes do not fail: they are never counted)."""
+FAILURE_PENALTY = 10.0
+PENALIZED = "address cut off for a while (flood or failed handshakes)"
+JUNK_LIMIT = (200.0, 1000.0)
+"""Refused datagrams per second (and burst) one source IP may send to a UDP socket of ours
+before the rest of its unrouted datagrams are dropped unread (``UdpMux.junk_limit``)."""
 
 
 class _Counters:
@@ -144,6 +159,12 @@ class Service:
         )
         self._events = EventQueue(cfg.event_queue_size, self._pause_reading, self._resume_reading)
         self._conns: set[Connection] = set()
+        self._conn_hosts: dict[Connection, str] = {}
+        self._handshaking: set[Connection] = set()
+        """Connections whose handshake is still running (max_pending_handshakes)."""
+        self._per_host: dict[str, int] = {}
+        """Connections by remote host (max_connections_per_ip is checked on every accept:
+        counting them by parsing every connection's address made a storm quadratic)."""
         self._active: dict[PeerId, Connection] = {}
         self._ready: dict[Connection, asyncio.Future[PeerId]] = {}
         self._peer_waiters: dict[PeerId, list[asyncio.Future[None]]] = {}
@@ -154,7 +175,7 @@ class Service:
         self._draining: set[Connection] = set()
         """Replaced (relayed) connections still delivering what was in flight."""
         """Connections whose messages wait for the connection they replace to drain."""
-        self._servers: list[asyncio.Server] = []
+        self._servers: list[TcpListener] = []
         self._muxes: list[UdpMux] = []
         """QUIC listeners: one UDP socket each, also used to dial out."""
         self._client_muxes: dict[str, UdpMux] = {}
@@ -181,6 +202,9 @@ class Service:
         self._peer_roles: dict[PeerId, str] = {}
         self._abuse_reports = BucketMap(rate=0.1, burst=1.0)
         """What each connected peer says it is in its hello (``node`` once proven)."""
+        self._penalties: dict[PeerId | str, float] = {}
+        """Peer ids and hosts refused until the given time (flooding, failed handshakes)."""
+        self._failures = BucketMap(*FAILED_HANDSHAKES, limit=MAX_PENALTIES)
         self._tg: asyncio.TaskGroup | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._bootstrapper = Bootstrapper(
@@ -322,14 +346,13 @@ class Service:
     # ================================================================= listeners
 
     async def _listen_tcp(self, contact: Contact) -> None:
-        loop = asyncio.get_running_loop()
         try:
-            server = await loop.create_server(
-                lambda: TcpProtocol(self._make_inbound),
-                host=contact.host,
-                port=contact.port,
-                reuse_address=True,
-                reuse_port=hasattr(socket, "SO_REUSEPORT"),
+            server = TcpListener.bind(
+                contact.host,
+                contact.port,
+                self._make_inbound,
+                self._refuse_inbound,
+                self._spawn,
                 backlog=1024,
             )
         except OSError as exc:
@@ -384,6 +407,9 @@ class Service:
     ) -> QuicLink | None:
         """A new validated QUIC client (after Retry): refuse early or create its link."""
         reason = self._inbound_refusal(addr[0])
+        if reason == PENALIZED:
+            self._counters.refused += 1
+            return None  # no TLS work for an address we cut off: its Initials are dropped
         link = QuicLink.accept(
             mux,
             addr,
@@ -458,6 +484,8 @@ class Service:
         is also a STUN server on its QUIC port, and our own client transactions), then
         punching and address echo (traversal)."""
         StunDispatcher.for_mux(mux).responder = StunResponder(allow_response_port=False)
+        mux.junk_limit = JUNK_LIMIT
+        mux.on_abuse = lambda addr, kind: self.abuse(format_address("quic", addr), None, kind)
         if self.config.keylog_file is not None:
             # debugging with Wireshark: a capture on this host sees a GSO send as one
             # oversized packet, so send datagram by datagram while the key log is on
@@ -894,10 +922,23 @@ class Service:
 
     # ================================================================= connections
 
-    def _make_inbound(self, transport: asyncio.Transport) -> Connection | None:
-        remote = sock_contact(transport, "peername")
-        host = Contact.parse(remote).host
+    def _refuse_inbound(self, host: str) -> bool:
+        """A TCP connection from ``host`` was just accepted: refuse it before anything is
+        built for it? (blacklist, limits, a flooder's address)"""
         reason = self._inbound_refusal(host)
+        if reason is None:
+            return False
+        self._counters.refused += 1
+        log.debug("refused inbound from %s: %s", host, reason)
+        return True
+
+    def _make_inbound(self, transport: asyncio.Transport) -> Connection | None:
+        peername = transport.get_extra_info("peername")
+        if not peername:
+            return None  # reset before we got to it: nobody to talk to
+        host = peername[0].partition("%")[0]
+        reason = self._inbound_refusal(host)
+        remote = sock_contact(transport, "peername")
         if reason is not None:
             self._counters.refused += 1
             log.debug("refused inbound from %s: %s", remote, reason)
@@ -932,6 +973,9 @@ class Service:
         if self._address_blocked(host):
             self._counters.blacklisted += 1
             return "address blacklisted"
+        if self._penalties and self._penalized(host):
+            self._counters.limits_hit += 1
+            return PENALIZED
         reason = self._limit_refusal(host)
         if reason is not None:
             self._counters.limits_hit += 1
@@ -941,21 +985,49 @@ class Service:
         return reason
 
     def abuse(self, address: str, peer: PeerId | None, kind: str) -> None:
-        """Report repeated abuse (``AbuseDetected``: limits, floods), at most once per
-        address and kind every 10 s, so a flood cannot turn into a flood of events."""
+        """Report abuse (``AbuseDetected``: garbage, stalled handshakes, limits, floods…), at
+        most once per address and kind every 10 s, so a flood of bad connections cannot
+        turn into a flood of events (which would fill the event queue and pause reading)."""
         key = (address.rpartition(":")[0] if "://" in address else address, kind)
         if self._abuse_reports.take(key, asyncio.get_running_loop().time()):
             self._emit(AbuseDetected(address, peer, kind))
+
+    def over_limit(self, conn: Connection) -> None:
+        """``conn`` sent more than ``max_peer_bytes_per_second`` (plus the burst) allows:
+        cut it off at once, report it, and refuse its peer id and new connections from its
+        address for :data:`FLOOD_PENALTY`."""
+        peer = conn.peer_id
+        self._counters.limits_hit += 1
+        self.abuse(conn.remote, peer, "flood")
+        # the peer id, and the address it came from (a flooder with fresh identities would
+        # otherwise get a new burst per handshake) — not a relay node's address
+        host = self._conn_hosts.get(conn) if conn.path != "relayed" else None
+        for key in (peer, host):
+            if key is not None:
+                self._penalize(key, FLOOD_PENALTY)
+        conn.abort(CloseCode.LIMIT, "over max_peer_bytes_per_second")
+
+    def _penalize(self, key: PeerId | str, seconds: float) -> None:
+        if key not in self._penalties and len(self._penalties) >= MAX_PENALTIES:
+            del self._penalties[next(iter(self._penalties))]
+        self._penalties[key] = asyncio.get_running_loop().time() + seconds
+
+    def _penalized(self, key: PeerId | str) -> bool:
+        until = self._penalties.get(key)
+        if until is None:
+            return False
+        if until > asyncio.get_running_loop().time():
+            return True
+        del self._penalties[key]
+        return False
 
     def _limit_refusal(self, host: str) -> str | None:
         cfg = self.config
         if len(self._conns) >= cfg.max_connections:
             return "max_connections reached"
-        pending = sum(1 for c in self._conns if c.session.state is State.HANDSHAKE)
-        if pending >= cfg.max_pending_handshakes:
+        if len(self._handshaking) >= cfg.max_pending_handshakes:
             return "max_pending_handshakes reached"
-        same_ip = sum(1 for c in self._conns if Contact.parse(c.remote).host == host)
-        if same_ip >= cfg.max_connections_per_ip:
+        if self._per_host.get(host, 0) >= cfg.max_connections_per_ip:
             return "max_connections_per_ip reached"
         return None
 
@@ -987,7 +1059,15 @@ class Service:
             local=local,
             path=path,
         )
+        cfg = self.config
+        conn.rx_limit = RateLimit(
+            cfg.max_peer_bytes_per_second, cfg.max_peer_burst_bytes, loop.time()
+        )
         self._conns.add(conn)
+        self._handshaking.add(conn)
+        host = Contact.parse(remote).host
+        self._conn_hosts[conn] = host
+        self._per_host[host] = self._per_host.get(host, 0) + 1
         if initiator:
             self._ready[conn] = loop.create_future()
         conn.on_close.append(self._on_conn_closed)
@@ -1037,6 +1117,7 @@ class Service:
 
     def session_event(self, conn: Connection, event: SessionEvent) -> None:
         if isinstance(event, HandshakeCompleted):
+            self._handshaking.discard(conn)
             self._on_handshake(conn, event)
         elif isinstance(event, Selected):
             if conn.peer_id is not None and conn.peer_id < self.peer_id:
@@ -1194,8 +1275,17 @@ class Service:
         if isinstance(err, errors.ProtocolError) and not isinstance(
             err, errors.NetworkMismatch | errors.VersionMismatch
         ):
-            kind = "timeout" if isinstance(err, TimeoutError) else "garbage"
-            self._emit(AbuseDetected(conn.remote, peer, kind))
+            self.abuse(conn.remote, peer, _abuse_kind(err))
+            host = self._conn_hosts.get(conn)
+            if (
+                conn in self._handshaking
+                and not conn.outbound
+                and conn.path != "relayed"
+                and host is not None
+                and not self._failures.take(host, asyncio.get_running_loop().time())
+            ):
+                self._penalize(host, FAILURE_PENALTY)
+                self.abuse(host, None, "handshake")
         if event.code == CloseCode.TIMEOUT and conn.session.peer_id is not None and err is None:
             c.heartbeat_timeouts += 1
         if peer is not None and self._active.get(peer) is conn:
@@ -1225,6 +1315,14 @@ class Service:
         if self._relay is not None:
             self._relay.connection_closed(conn)
         self._conns.discard(conn)
+        self._handshaking.discard(conn)
+        host = self._conn_hosts.pop(conn, None)
+        if host is not None:
+            left = self._per_host[host] - 1
+            if left:
+                self._per_host[host] = left
+            else:
+                del self._per_host[host]
         self._replaced.discard(conn)
         self._counters.absorb(conn.session, conn.transport_name)
         peer = conn.peer_id
@@ -1459,6 +1557,8 @@ class Service:
     def _peer_allowed(self, peer: PeerId, host: str) -> bool:
         if peer in self._black_peers or self._in_nets(host, self._black_nets):
             return False
+        if self._penalties and self._penalized(peer):
+            return False
         if self._white_peers or self._white_nets:
             return peer in self._white_peers or self._in_nets(host, self._white_nets)
         return True
@@ -1507,6 +1607,11 @@ class Service:
             abuse_events=sum(c.abuse.values()),
             abuse_by_kind=dict(c.abuse),
             limits_hit=c.limits_hit,
+            datagrams_dropped=sum(
+                mux.stats[name]
+                for mux in [*self._muxes, *self._client_muxes.values()]
+                for name in DROPPED_STATS
+            ),
             **self._traversal_counters(),
             punches_by_nat_pair={
                 k: (v[0], v[1])
@@ -1529,6 +1634,7 @@ class Service:
             "introductions_forwarded",
             "introductions_refused",
             "port_predictions",
+            "punch_datagrams_dropped",
         )
         out = {name: t[name] for name in names}
         if self._relay is not None:
@@ -1541,6 +1647,17 @@ class Service:
 
 class _Duplicate(errors.Refused):
     """The greater peer id closed this connection because it keeps another one."""
+
+
+def _abuse_kind(err: errors.ProtocolError) -> str:
+    """The ``AbuseDetected.kind`` of a connection that failed with ``err``."""
+    if isinstance(err, TimeoutError):
+        return "timeout"
+    if isinstance(err, errors.OversizedInput):
+        return "oversized"
+    if isinstance(err, errors.PeerAuthenticationError):
+        return "impersonation"
+    return "garbage"
 
 
 def _ready_error(event: Closed) -> BaseException:

@@ -50,6 +50,9 @@ MAX_OBSERVERS = 32
 """Observations kept per protocol (one per observing peer, newest win)."""
 MAX_PUNCHES = 16
 """Punches in progress at once (each side)."""
+MAX_PUNCHES_PER_NODE = 4
+"""Punches in progress that one node introduced to us: a node forging introductions cannot
+take every punch slot."""
 ECHO_TIMEOUT = 0.6
 INTRO_TIMEOUT = 5.0
 NODES_TRIED = 3
@@ -130,6 +133,8 @@ class _Punch:
     plan: pp.PunchPlan | None = None
     task: asyncio.Task[None] | None = None
     started: asyncio.Event = field(default_factory=asyncio.Event)
+    via: Connection | None = None
+    """The node that introduced it (only that node's ``sync`` starts it)."""
 
 
 class Traversal:
@@ -162,13 +167,18 @@ class Traversal:
         self._promoted: list[UdpMux] = []
         """Birthday sockets that carried a punch, now serving their QUIC connection."""
         self._by_token: dict[bytes, _Punch] = {}
-        self._echo_waiters: dict[bytes, asyncio.Future[Address]] = {}
-        self._intro_waiters: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._echo_waiters: dict[bytes, tuple[asyncio.Future[Address], Address]] = {}
+        """Address echoes in flight: token -> (answer, the address asked)."""
+        self._intro_waiters: dict[
+            int, tuple[asyncio.Future[dict[str, Any]], Connection, PeerId]
+        ] = {}
+        """Introductions in flight: id -> (answer, the node asked, the peer introduced to)."""
         self._next_id = int.from_bytes(os.urandom(4), "big")
         self._forward_per_peer = BucketMap(rate=2.0, burst=10.0)
         self._forward_total = TokenBucket(rate=200.0, burst=400.0, now=now)
         self._echo_total = TokenBucket(rate=500.0, burst=1000.0, now=now)
         self._intro_per_peer = BucketMap(rate=1.0, burst=5.0)
+        self._intro_per_node = BucketMap(rate=2.0, burst=10.0)
         self.counters: dict[str, int] = {
             "punch_attempts": 0,
             "punch_successes": 0,
@@ -276,41 +286,55 @@ class Traversal:
 
     # ================================================================ UDP datagrams
 
-    def on_datagram(self, mux: UdpMux, data: bytes, addr: Address) -> None:
-        """A non-QUIC datagram on one of our UDP sockets."""
+    def on_datagram(self, mux: UdpMux, data: bytes, addr: Address) -> bool:
+        """A non-QUIC datagram on one of our UDP sockets. False: refused (not a punch
+        datagram, no punch or echo with that token, an echo answer from an address we did
+        not ask, echo answers rate-limited) — counted in ``punch_datagrams_dropped`` and
+        charged to the sender's junk budget by the mux."""
         if not pp.is_punch(data):
             self.counters["punch_datagrams_dropped"] += 1
-            return
+            return False
         try:
             dgram = pp.parse(data)
         except errors.ProtocolError:
             self.counters["punch_datagrams_dropped"] += 1
-            return
+            return False
         now = self._loop.time()
         addr = (addr[0].partition("%")[0], addr[1])
         if dgram.kind is pp.Kind.ECHO_REQUEST:
             if self._echo_total.take(now):
                 self.counters["echo_replies"] += 1
                 mux.sendto(pp.encode(pp.Kind.ECHO_REPLY, dgram.token, addr), addr)
-            return
-        if dgram.kind is pp.Kind.ECHO_REPLY:
-            waiter = self._echo_waiters.pop(dgram.token, None)
-            if waiter is not None and not waiter.done() and dgram.address is not None:
-                waiter.set_result(dgram.address)
-            return
-        punch = self._by_token.get(dgram.token)
-        if punch is None or punch.plan is None or _own(addr, mux):
-            # (our own probe, sent to a "LAN" candidate that is in fact our own address)
+                return True
             self.counters["punch_datagrams_dropped"] += 1
-            return
+            return False
+        if dgram.kind is pp.Kind.ECHO_REPLY:
+            entry = self._echo_waiters.get(dgram.token)
+            if entry is None or not _same_address(entry[1], addr) or dgram.address is None:
+                # a guessed token, a late answer or one from an address we did not ask
+                self.counters["punch_datagrams_dropped"] += 1
+                return False
+            del self._echo_waiters[dgram.token]
+            if not entry[0].done():
+                entry[0].set_result(dgram.address)
+            return True
+        punch = self._by_token.get(dgram.token)
+        if punch is None or punch.plan is None:
+            self.counters["punch_datagrams_dropped"] += 1
+            return False
+        if _own(addr, mux):
+            # our own probe, sent to a "LAN" candidate that is in fact our own address
+            self.counters["punch_datagrams_dropped"] += 1
+            return True
         punch.plan.datagram_received(dgram, addr, now)
         self._run_actions(punch, mux)
+        return True
 
     async def echo(self, mux: UdpMux, server: Address, timeout: float = ECHO_TIMEOUT) -> Address:
         """Ask ``server`` (a crust node's UDP port) which address it sees ``mux`` at."""
         token = os.urandom(pp.TOKEN_LEN)
         fut: asyncio.Future[Address] = self._loop.create_future()
-        self._echo_waiters[token] = fut
+        self._echo_waiters[token] = (fut, server)
         try:
             async with asyncio.timeout(timeout):
                 delay = 0.1
@@ -535,9 +559,13 @@ class Traversal:
                 self._forwarded(conn, payload)
         elif kind == "fwe":
             ref = payload.get("ref")
-            waiter = self._intro_waiters.get(ref) if isinstance(ref, int) else None
-            if waiter is not None and not waiter.done():
-                waiter.set_result({"k": "nak", "e": str(payload.get("e", "refused"))[:200]})
+            entry = self._intro_waiters.get(ref) if isinstance(ref, int) else None
+            if entry is None or entry[1] is not conn:
+                # no introduction of ours is waiting for that node's answer
+                self.counters["introductions_refused"] += 1
+                return
+            if not entry[0].done():
+                entry[0].set_result({"k": "nak", "e": str(payload.get("e", "refused"))[:200]})
 
     def _forward(self, conn: Connection, sender: PeerId, payload: dict[str, Any]) -> None:
         """We are the node: pass ``m`` on to ``to`` if we are connected to it."""
@@ -575,30 +603,44 @@ class Traversal:
         node.control_changed()
 
     def _forwarded(self, node: Connection, payload: dict[str, Any]) -> None:
-        """A message another peer sent us through ``node``."""
+        """A message another peer sent us through ``node``. What the node claims is checked
+        against what we know: a forged one is dropped and counted in
+        ``introductions_refused`` (it can at worst start one bounded punch, whose
+        connection must still prove the claimed peer id)."""
         sender_raw, inner = payload.get("from"), payload.get("m")
+        ref = inner.get("id") if isinstance(inner, dict) else None
         if (
             not isinstance(sender_raw, bytes)
             or len(sender_raw) != 32
             or not isinstance(inner, dict)
+            or not isinstance(ref, int)
+            or PeerId(sender_raw) in (self.svc.peer_id, node.peer_id)
         ):
+            # malformed, or "from" ourselves or from the forwarding node itself: a node
+            # forwards other peers' messages, never its own or ours
+            self.counters["introductions_refused"] += 1
             return
         sender = PeerId(sender_raw)
         kind = inner.get("k")
-        ref = inner.get("id")
-        if not isinstance(ref, int):
-            return
         if kind in ("ack", "nak"):
-            waiter = self._intro_waiters.get(ref)
-            if waiter is not None and not waiter.done():
-                waiter.set_result({**inner, "from": sender, "obs": payload.get("obs")})
+            entry = self._intro_waiters.get(ref)
+            if entry is None or entry[1] is not node or entry[2] != sender:
+                # not an answer to an introduction we sent through that node to that peer
+                self.counters["introductions_refused"] += 1
+                return
+            if not entry[0].done():
+                entry[0].set_result({**inner, "from": sender, "obs": payload.get("obs")})
             return
         if kind == "intro":
             self.svc._spawn(self._introduced(node, sender, inner, payload.get("obs")))
         elif kind == "sync":
             punch = self._punches.get(sender)
-            if punch is not None and not punch.outbound and punch.plan is None:
-                self._start(punch, self._loop.time())
+            if punch is None or punch.outbound or punch.plan is not None or punch.via is not node:
+                self.counters["introductions_refused"] += 1
+                return
+            self._start(punch, self._loop.time())
+        else:
+            self.counters["introductions_refused"] += 1
 
     async def _introduced(
         self, node: Connection, sender: PeerId, inner: dict[str, Any], obs: Any
@@ -606,7 +648,7 @@ class Traversal:
         """``sender`` wants to punch to us: answer with our candidates, wait for ``sync``."""
         ref = inner["id"]
         nonce = inner.get("n")
-        reason = self._refusal(sender)
+        reason = self._refusal(sender, node)
         if reason is None and (not isinstance(nonce, bytes) or len(nonce) != pp.TOKEN_LEN):
             reason = "malformed"
         if reason is not None:
@@ -614,7 +656,7 @@ class Traversal:
             self._send_via(node, sender, {"k": "nak", "id": ref, "e": reason})
             return
         assert isinstance(nonce, bytes)
-        punch = _Punch(sender, os.urandom(pp.TOKEN_LEN), outbound=False)
+        punch = _Punch(sender, os.urandom(pp.TOKEN_LEN), outbound=False, via=node)
         punch.peer_symmetric = inner.get("sym") is True
         self._set_remote(punch, inner.get("c"), obs, inner.get("p"))
         self._register(punch, nonce)
@@ -641,7 +683,7 @@ class Traversal:
         finally:
             self._unregister(punch)
 
-    def _refusal(self, peer: PeerId) -> str | None:
+    def _refusal(self, peer: PeerId, node: Connection) -> str | None:
         svc = self.svc
         if not svc.config.hole_punching:
             return "hole punching disabled"
@@ -651,9 +693,16 @@ class Traversal:
             return "punch already in progress"
         if len(self._punches) >= MAX_PUNCHES:
             return "too many punches in progress"
+        introduced = sum(1 for p in self._punches.values() if p.via is node and not p.outbound)
+        if introduced >= MAX_PUNCHES_PER_NODE:
+            return "too many punches introduced by that node"
         if not svc._peer_allowed(peer, "0.0.0.0"):
             return "refused"
-        if not self._intro_per_peer.take(peer, self._loop.time()):
+        now = self._loop.time()
+        if not self._intro_per_node.take(node.peer_id, now):
+            svc.abuse(node.remote, node.peer_id, "flood")
+            return "rate limited"
+        if not self._intro_per_peer.take(peer, now):
             return "rate limited"
         return None
 
@@ -737,11 +786,11 @@ class Traversal:
     async def _punch_via(self, node: Connection, peer: PeerId) -> PeerId:
         node_id = node.peer_id
         assert node_id is not None
-        punch = _Punch(peer, os.urandom(pp.TOKEN_LEN), outbound=True)
+        punch = _Punch(peer, os.urandom(pp.TOKEN_LEN), outbound=True, via=node)
         self._punches[peer] = punch
         ref = self._next_id = (self._next_id + 1) & 0x7FFFFFFF
         fut: asyncio.Future[dict[str, Any]] = self._loop.create_future()
-        self._intro_waiters[ref] = fut
+        self._intro_waiters[ref] = (fut, node, peer)
         try:
             await self._learn_for_punch(node_id)
             cands = self.candidates(loopback=_is_loopback(node.remote))
@@ -1125,14 +1174,22 @@ class Traversal:
         for mux in self._promoted:
             mux.close()
         self._promoted.clear()
-        for waiters in (self._echo_waiters, self._intro_waiters):
-            for fut in waiters.values():
-                if not fut.done():
-                    fut.cancel()
+        for fut in [f for f, _ in self._echo_waiters.values()] + [
+            f for f, _, _ in self._intro_waiters.values()
+        ]:
+            if not fut.done():
+                fut.cancel()
 
 
 def _lan_first(addrs: list[Address]) -> list[Address]:
     return sorted(dict.fromkeys(addrs), key=lambda a: not pp.is_lan(a[0]))
+
+
+def _same_address(a: Address, b: Address) -> bool:
+    try:
+        return a[1] == b[1] and ipaddress.ip_address(a[0]) == ipaddress.ip_address(b[0])
+    except ValueError:
+        return False
 
 
 def _own(addr: Address, mux: UdpMux) -> bool:

@@ -80,8 +80,16 @@ class Statistics:
     """AbuseDetected events reported."""
     abuse_by_kind: dict[str, int] = field(default_factory=dict)
     limits_hit: int = 0
-    """Connections refused or not dialled because a configured limit was reached
-    (max_connections, max_pending_handshakes, max_connections_per_ip)."""
+    """Connections refused, cut or not dialled because a configured limit was reached
+    (max_connections, max_pending_handshakes, max_connections_per_ip,
+    max_peer_bytes_per_second)."""
+    datagrams_dropped: int = 0
+    """UDP datagrams on our QUIC sockets dropped unread: garbage, unknown connection ids,
+    forged Retry tokens, a paused reader, and unrouted datagrams from an address over its
+    junk budget."""
+    punch_datagrams_dropped: int = 0
+    """Punch and address-echo datagrams refused: malformed, an unknown token, an echo
+    answer from an address we did not ask, our own probes."""
     punches_by_nat_pair: dict[str, tuple[int, int]] = field(default_factory=dict)
     """(attempts, successes) by ``"ours/theirs"`` UDP mapping: ``cone``, ``symmetric`` or
     ``unknown``."""

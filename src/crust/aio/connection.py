@@ -26,6 +26,32 @@ class Owner(Protocol):
 
     def session_event(self, conn: Connection, event: SessionEvent) -> None: ...
 
+    def over_limit(self, conn: Connection) -> None:
+        """The remote sent more than its :attr:`Connection.rx_limit` allows."""
+        ...
+
+
+class RateLimit:
+    """A token bucket counting bytes: ``rate`` per second, at most ``burst`` saved up."""
+
+    __slots__ = ("burst", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.stamp = now
+
+    def take(self, amount: int, now: float) -> bool:
+        """Spend ``amount``; False (and nothing spent) when the bucket does not hold it."""
+        tokens = self.tokens + (now - self.stamp) * self.rate
+        self.tokens = tokens if tokens < self.burst else self.burst
+        self.stamp = now
+        if self.tokens < amount:
+            return False
+        self.tokens -= amount
+        return True
+
 
 class StreamTransport(Protocol):
     def writelines(self, data: list[bytes | bytearray], /) -> None: ...
@@ -78,6 +104,8 @@ class Connection:
         self._read_paused = False
         self._writable = asyncio.Event()
         self._writable.set()
+        self.rx_limit: RateLimit | None = None
+        """Bytes the remote may send us (checked before the session sees them)."""
 
     @property
     def peer_id(self) -> PeerId | None:
@@ -96,7 +124,13 @@ class Connection:
         self._arm_timer()
 
     def data_received(self, data: bytes | bytearray | memoryview) -> None:
-        self.session.receive_data(data, self._loop.time())
+        now = self._loop.time()
+        limit = self.rx_limit
+        if limit is not None and not limit.take(len(data), now):
+            if not self.session.closed:
+                self.owner.over_limit(self)
+            return
+        self.session.receive_data(data, now)
         self._after_input()
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -214,8 +248,8 @@ class Connection:
         transport = self.transport
         if transport is not None and not transport.is_closing():
             final = self.session.closed_event
-            if final is not None and final.code == CloseCode.TIMEOUT:
-                transport.abort()  # the peer is gone: do not wait to flush
+            if final is not None and final.code in (CloseCode.TIMEOUT, CloseCode.LIMIT):
+                transport.abort()  # the peer is gone, or cut off: do not wait to flush
             else:
                 # a clean close: what the session still holds (queued messages packed before
                 # CLOSE) is handed over even while writing is paused, then the transport

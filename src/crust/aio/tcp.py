@@ -4,17 +4,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import logging
 import socket
+import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
 from crust.aio.connection import Connection, StreamTransport
 from crust.contact import format_address
 
+log = logging.getLogger("crust")
+
 READ_BUFFER = 256 * 1024
 WRITE_HIGH_WATER = 512 * 1024
 WRITE_LOW_WATER = 128 * 1024
+ACCEPT_BATCH = 4
+"""Connections a listener accepts per readiness callback (the loop comes back to it after
+one round of the other ready sockets). asyncio's own servers accept up to ``backlog``
+(1024) at once and build a transport for each, which let a storm of connection attempts
+hold the event loop for tens of milliseconds at a time; 4 to 16 measured alike under a
+storm (docs/benchmarks.md, "Hostile peers")."""
+ACCEPT_PAUSE = 1.0
+"""Seconds a listener stops accepting after running out of file descriptors."""
+LINGER_RESET = struct.pack("ii", 1, 0)
+"""SO_LINGER on with 0 s: ``close()`` resets the connection (no TIME_WAIT, no FIN wait)."""
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 _local = threading.local()
@@ -92,6 +108,103 @@ class TcpProtocol(asyncio.BufferedProtocol):
     def resume_writing(self) -> None:
         if self.conn is not None:
             self.conn.resume_writing()
+
+
+class TcpListener:
+    """A listening TCP socket with its own accept loop (in place of ``loop.create_server``).
+
+    At most :data:`ACCEPT_BATCH` connections per readiness callback, so established
+    connections get their turn during a storm; and ``refuse(host)`` is asked before anything
+    is built for a connection: a refused one costs an ``accept`` and a reset, no transport,
+    protocol or task. Accepted sockets become :class:`TcpProtocol` transports in jobs
+    started with ``spawn`` (the service's task group). ``sockets`` and ``close``/
+    ``wait_closed`` are those of ``asyncio.Server``.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        make_connection: Callable[[asyncio.Transport], Connection | None],
+        refuse: Callable[[str], bool],
+        spawn: Callable[[Coroutine[Any, Any, None]], None],
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.sockets = [sock]
+        self._sock = sock
+        self._make = make_connection
+        self._refuse = refuse
+        self._spawn = spawn
+        self._closed = False
+        self._loop.add_reader(sock.fileno(), self._on_readable)
+
+    @classmethod
+    def bind(
+        cls,
+        host: str,
+        port: int,
+        make_connection: Callable[[asyncio.Transport], Connection | None],
+        refuse: Callable[[str], bool],
+        spawn: Callable[[Coroutine[Any, Any, None]], None],
+        *,
+        backlog: int = 1024,
+    ) -> TcpListener:
+        """Listen on ``host:port`` (an IP literal; port 0 = any) with ``SO_REUSEADDR`` and
+        ``SO_REUSEPORT`` (hole punching connects from this very port)."""
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if hasattr(socket, "SO_REUSEPORT"):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((host, port))
+            sock.listen(backlog)
+            sock.setblocking(False)
+            return cls(sock, make_connection, refuse, spawn)
+        except BaseException:
+            sock.close()
+            raise
+
+    def _on_readable(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, addr = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _OUT_OF_RESOURCES:
+                    # the waiting connections stay in the backlog; try again in a moment
+                    log.warning("TCP listener: %s; accepting again in %.0f s", exc, ACCEPT_PAUSE)
+                    self._loop.remove_reader(self._sock.fileno())
+                    self._loop.call_later(ACCEPT_PAUSE, self._resume)
+                return  # (ECONNABORTED and the like: the next readiness brings the rest)
+            if self._refuse(str(addr[0]).partition("%")[0]):
+                with contextlib.suppress(OSError):
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+                conn.close()
+                continue
+            self._spawn(self._serve(conn))
+
+    async def _serve(self, conn: socket.socket) -> None:
+        try:
+            await self._loop.connect_accepted_socket(lambda: TcpProtocol(self._make), conn)
+        except OSError:
+            conn.close()
+
+    def _resume(self) -> None:
+        if not self._closed:
+            self._loop.add_reader(self._sock.fileno(), self._on_readable)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._loop.remove_reader(self._sock.fileno())
+        self._sock.close()
+
+    async def wait_closed(self) -> None:
+        """Nothing to wait for: accepted connections belong to the service."""
 
 
 def sock_contact(transport: asyncio.BaseTransport, which: str) -> str:

@@ -13,6 +13,14 @@ and routes each one by its QUIC destination connection id:
   then :attr:`UdpMux.on_other_datagram`;
 * anything else is dropped and counted in :attr:`UdpMux.stats`. Nothing a remote sends can
   raise out of the read callback.
+
+With :attr:`UdpMux.junk_limit` set, every datagram from an address that reaches no
+connection and is refused (garbage, unknown connection id, forged Retry token, an Initial
+without token that costs a Retry, a non-QUIC datagram nobody claims) spends one token of
+that address's budget; an address out of tokens has its unrouted datagrams dropped before
+any parsing (``dropped_abuse``) until the budget refills, and :attr:`UdpMux.on_abuse` hears
+of it. Datagrams of established connections are never charged nor blocked, so a sender
+spoofing someone's address cannot cut that peer's connections.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import os
 import socket
 import struct
 import sys
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Protocol
 
@@ -82,7 +91,12 @@ STAT_NAMES = (
     "retries_sent",
     "invalid_tokens",
     "connections_accepted",
+    "dropped_abuse",
 )
+DROPPED_STATS = tuple(name for name in STAT_NAMES if name.startswith("dropped_"))
+"""The ``stats`` counting datagrams dropped unread."""
+MAX_JUNK_SOURCES = 4096
+"""Source addresses whose junk budget is tracked (the least recently charged forgotten)."""
 
 
 class MuxClient(Protocol):
@@ -300,7 +314,16 @@ class UdpMux:
         self.max_connections = max_connections
         self.max_pending_handshakes = max_pending_handshakes
         self.retry = retry
-        self.on_other_datagram: Callable[[bytes, Address], None] | None = None
+        self.on_other_datagram: Callable[[bytes, Address], bool | None] | None = None
+        """Non-QUIC datagrams no handler claimed; returning False refuses one (charged to
+        the sender's junk budget)."""
+        self.junk_limit: tuple[float, float] | None = None
+        """(rate per second, burst) of refused unrouted datagrams per source IP; None: no
+        limit."""
+        self.on_abuse: Callable[[Address, str], None] | None = None
+        """Called with (address, ``"garbage"`` or ``"flood"``) when an address runs out of
+        junk budget."""
+        self._junk: OrderedDict[str, list[float]] = OrderedDict()
         self._datagram_handlers: list[Callable[[bytes, Address], bool]] = []
         self.stats: dict[str, int] = dict.fromkeys(STAT_NAMES, 0)
         self.sender = DatagramSender(sock, self.stats)
@@ -419,45 +442,75 @@ class UdpMux:
 
     def _route(self, view: bytes | memoryview, addr: Address, now: float) -> MuxClient | None:
         """Hand one datagram to its connection; returns the connection fed (if any)."""
-        if not view:
-            self.stats["dropped_garbage"] += 1
+        first = view[0] if view else 0
+        quic = is_quic(first)
+        dcid = parse_dcid(view) if quic else None
+        client = self._routes.get(dcid) if dcid is not None else None
+        if client is not None:
+            if not client.accepting_datagrams:
+                self.stats["dropped_paused"] += 1
+                return None
+            client.datagram_received(bytes(view), addr, now)
+            return client
+        if self.junk_limit is not None and self._over_budget(addr[0], now):
+            self.stats["dropped_abuse"] += 1
             return None
-        first = view[0]
-        if not is_quic(first):
+        if not view or (quic and dcid is None):
+            self.stats["dropped_garbage"] += 1
+            self._charge(addr, now, "garbage")
+            return None
+        if not quic:
             self.stats["other_datagrams"] += 1
             data = bytes(view)
             for handler in self._datagram_handlers:
                 if handler(data, addr):
                     return None
             hook = self.on_other_datagram
-            if hook is not None:
-                hook(data, addr)
+            if hook is None or hook(data, addr) is False:
+                self._charge(addr, now, "garbage")
             return None
-        dcid = parse_dcid(view)
-        if dcid is None:
-            self.stats["dropped_garbage"] += 1
-            return None
-        client = self._routes.get(dcid)
-        if client is None:
-            if first & 0x80:
-                return self._new_initial(bytes(view), addr, now)
-            self.stats["dropped_unknown_cid"] += 1
-            return None
-        if not client.accepting_datagrams:
-            self.stats["dropped_paused"] += 1
-            return None
-        client.datagram_received(bytes(view), addr, now)
-        return client
+        if first & 0x80:
+            return self._new_initial(bytes(view), addr, now)
+        self.stats["dropped_unknown_cid"] += 1
+        self._charge(addr, now, "garbage")
+        return None
+
+    def _over_budget(self, host: str, now: float) -> bool:
+        entry = self._junk.get(host)
+        if entry is None or self.junk_limit is None:
+            return False
+        rate, burst = self.junk_limit
+        return min(burst, entry[0] + (now - entry[1]) * rate) < 1.0
+
+    def _charge(self, addr: Address, now: float, kind: str) -> None:
+        """One refused datagram from ``addr``: spend a token of its junk budget."""
+        if self.junk_limit is None:
+            return
+        rate, burst = self.junk_limit
+        host = addr[0]
+        entry = self._junk.get(host)
+        if entry is None:
+            if len(self._junk) >= MAX_JUNK_SOURCES:
+                self._junk.popitem(last=False)
+            entry = self._junk[host] = [burst, now]
+        else:
+            self._junk.move_to_end(host)
+        tokens = min(burst, entry[0] + (now - entry[1]) * rate) - 1.0
+        entry[0], entry[1] = tokens, now
+        if tokens < 1.0 and self.on_abuse is not None:
+            self.on_abuse(addr, kind)
 
     def _new_initial(self, data: bytes, addr: Address, now: float) -> MuxClient | None:
         """A long-header packet for an unknown connection id: maybe a new client."""
         if self.acceptor is None:
             self.stats["dropped_unknown_cid"] += 1
+            self._charge(addr, now, "garbage")
             return None
         try:
             header = pull_quic_header(Buffer(data=data), host_cid_length=CID_LENGTH)
         except ValueError:
             self.stats["dropped_garbage"] += 1
+            self._charge(addr, now, "garbage")
             return None
         if (
             header.packet_type != QuicPacketType.INITIAL
@@ -465,6 +518,7 @@ class UdpMux:
             or len(data) < MIN_INITIAL_SIZE
         ):
             self.stats["dropped_unknown_cid"] += 1
+            self._charge(addr, now, "garbage")
             return None
         pending = sum(1 for c in self._clients if not c.handshake_done)
         if len(self._clients) >= self.max_connections or pending >= self.max_pending_handshakes:
@@ -490,6 +544,7 @@ class UdpMux:
                 )
                 self.stats["retries_sent"] += 1
                 self.sendto(packet, addr)
+                self._charge(addr, now, "flood")  # a Retry costs us: a flood of them is capped
                 return None
             try:
                 original = self._retry_tokens.validate_token(
@@ -501,6 +556,7 @@ class UdpMux:
             except ValueError:
                 # forged, expired or from another address: no state, no answer
                 self.stats["invalid_tokens"] += 1
+                self._charge(addr, now, "garbage")
                 return None
             retry_scid = header.destination_cid
         else:

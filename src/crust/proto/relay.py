@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
-from crust.errors import LimitExceeded, ProtocolError
+from crust.errors import LimitExceeded, OversizedInput, ProtocolError
 
 MAX_CHUNK = 32 * 1024
 """Bytes of one ``rd`` message."""
@@ -116,10 +116,10 @@ class RelayTable:
             raise ProtocolError("data for an unknown circuit")
         lim = self.limits
         if size > MAX_CHUNK:
-            raise ProtocolError("relay chunk too large")
+            raise OversizedInput("relay chunk too large")
         side = circuit.side(key)
         if side.inflight + size > lim.window:
-            raise ProtocolError("relay window exceeded")
+            raise OversizedInput("relay window exceeded")
         if circuit.carried + size > lim.max_bytes:
             raise LimitExceeded("relay: circuit byte limit reached")
         if now - circuit.opened > lim.max_seconds:

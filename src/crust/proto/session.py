@@ -52,13 +52,14 @@ from crust.errors import (
     HandshakeError,
     HandshakeTimeout,
     NetworkMismatch,
+    OversizedInput,
     PeerAuthenticationError,
     ProtocolError,
     VersionMismatch,
 )
 from crust.events import MessageReceived, message_received
 from crust.identity import Identity, PeerId
-from crust.proto.noise import TAG_LEN, CipherState, HandshakeState, TransportKeys
+from crust.proto.noise import DH_LEN, TAG_LEN, CipherState, HandshakeState, TransportKeys
 from crust.signing import SIGNED_HEADER, SIGNED_HEADER_LEN, SignedMessage, signing_input
 
 MAGIC = b"CRST"
@@ -72,6 +73,9 @@ U16 = struct.Struct(">H")
 U32 = struct.Struct(">I")
 U64 = struct.Struct(">Q")
 MAX_HELLO = 8192
+HANDSHAKE_OVERHEAD = 2 * DH_LEN + TAG_LEN
+"""Noise message 2 without its payload: e, encrypted s (key + tag); the payload's tag comes
+on top."""
 MAX_HELLO_CONTACTS = 32
 MAX_CONTROL = 65536
 PREEMPT_LIMIT = 1024 * 1024
@@ -342,6 +346,7 @@ class Session:
         self._plain = params.scratch
         self._plain_view = memoryview(self._plain)
         self._got_header = initiator  # the responder first reads the clear header
+        self._handshake_read = 0  # Noise handshake messages read so far
         self._got_status = not initiator
         self._handshake_deadline = now + params.handshake_timeout
         self._last_rx = now
@@ -601,11 +606,23 @@ class Session:
             if len(buf) < 2:
                 return
             (n,) = U16.unpack_from(buf)
+            if n > self._handshake_limit():
+                # refused as soon as the length prefix arrives: nothing of that size is
+                # buffered (a slow sender cannot make us hold 64 KiB per handshake)
+                raise OversizedInput(f"handshake message of {n} bytes announced")
             if len(buf) < 2 + n:
                 return
             msg = bytes(buf[2 : 2 + n])
             del buf[: 2 + n]
             self._handshake_message(msg, now)
+            self._handshake_read += 1
+
+    def _handshake_limit(self) -> int:
+        """The largest handshake message the peer may send next: message 1 is exactly the
+        ephemeral key (no payload); messages 2 and 3 carry keys, tags and a hello."""
+        if not self.initiator and self._handshake_read == 0:
+            return DH_LEN
+        return HANDSHAKE_OVERHEAD + MAX_HELLO + TAG_LEN
 
     def _answer_echo(self, header: bytes) -> None:
         """An address echo request instead of a handshake: answer it and close."""
@@ -651,7 +668,7 @@ class Session:
 
     def _accept_hello(self, payload: bytes, remote_static: bytes | None) -> None:
         if len(payload) > MAX_HELLO:
-            raise ProtocolError("hello too large")
+            raise OversizedInput("hello too large")
         hello = _unpack_map(payload, "hello")
         raw_id, sig = hello.get("id"), hello.get("sig")
         if not isinstance(raw_id, bytes) or len(raw_id) != 32 or not isinstance(sig, bytes):
@@ -713,10 +730,10 @@ class Session:
             kind, prio, n = unpack(plain, pos)
             pos += FRAME_HEADER_LEN
             if n > size - pos:
-                raise ProtocolError("frame longer than its record")
+                raise OversizedInput("frame longer than its record")
             if kind == _MSG:
                 if n > max_size:
-                    raise ProtocolError("incoming message larger than max_message_size")
+                    raise OversizedInput("incoming message larger than max_message_size")
                 if self.state is not State.CLOSED:  # also while closing: nothing is lost
                     events.append(message_received(peer, view[pos : pos + n].tobytes(), prio))
                     self.messages_received += 1
@@ -726,7 +743,7 @@ class Session:
                 if n < SIGNED_HEADER_LEN:
                     raise ProtocolError("signed message shorter than its signature")
                 if n - SIGNED_HEADER_LEN > self.params.max_message_size:
-                    raise ProtocolError("incoming message larger than max_message_size")
+                    raise OversizedInput("incoming message larger than max_message_size")
                 replayed = self._check_sequence(pos)
                 if self.state is not State.CLOSED:
                     self._signed_received(bytes(plain[pos : pos + n]), prio, replayed)
@@ -744,9 +761,9 @@ class Session:
                 raise ProtocolError("bad first fragment")
             (total,) = U32.unpack_from(plain, pos)
             if total < extra or total - extra > self.params.max_message_size:
-                raise ProtocolError("incoming message larger than max_message_size")
+                raise OversizedInput("incoming message larger than max_message_size")
             if self._partial_in + total > PREEMPT_LIMIT + self.params.max_message_size + extra:
-                raise ProtocolError("too many interleaved partial messages")
+                raise OversizedInput("too many interleaved partial messages")
             replayed = signed and self._check_sequence(pos + 4)
             part = self._partials[prio] = _Partial(total, signed, replayed)
             self._partial_in += total
