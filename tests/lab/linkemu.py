@@ -111,6 +111,10 @@ class Counters:
     reordered: int = 0
     overflowed: int = 0
     """Lost because :data:`MAX_QUEUED` frames were already held back."""
+    gso_frames: int = 0
+    """Frames that were GSO super-frames (several packets the kernel has not cut yet)."""
+    largest: int = 0
+    """Bytes of the largest frame (its virtio-net header included)."""
     send_errors: int = 0
     kernel_drops: int = 0
     """Frames the kernel dropped before we read them (receive buffer full)."""
@@ -125,15 +129,19 @@ class Direction:
     impairment: Impairment = field(default_factory=Impairment)
     counters: Counters = field(default_factory=Counters)
 
-    def admit(self, size: int, now: float, rng: RandomSource) -> list[float]:
+    def admit(self, size: int, now: float, rng: RandomSource, *, gso: bool = False) -> list[float]:
         """A frame of ``size`` bytes arrived at ``now``: the times its copies leave.
 
         Empty when it is lost (or the queue is full), two times when it is duplicated; a
-        time equal to ``now`` means at once.  Counts everything in :attr:`counters`.
+        time equal to ``now`` means at once.  ``gso``: the frame is a GSO super-frame.
+        Counts everything in :attr:`counters`.
         """
         c, imp = self.counters, self.impairment
         c.frames_in += 1
         c.bytes_in += size
+        c.largest = max(c.largest, size)
+        if gso:
+            c.gso_frames += 1
         if imp.loss and rng.random() < imp.loss:
             c.lost += 1
             return []
@@ -285,7 +293,8 @@ class Emulator:
             if addr[2] == PACKET_OUTGOING:
                 continue  # our own transmissions (kernels without PACKET_IGNORE_OUTGOING)
             now = time.monotonic()
-            for due in direction.admit(len(frame), now, self.rng):
+            gso = len(frame) > 1 and frame[1] != 0  # virtio_net_hdr.gso_type
+            for due in direction.admit(len(frame), now, self.rng, gso=gso):
                 if due <= now:
                     self._send(direction, out, frame, held=False)
                 else:

@@ -1396,16 +1396,22 @@ class Lab:
                 return
             # Take the switch port off its bridge and splice the emulator in between:
             #   node eth0 <-> pN ==linkemu== pNw <-> pNb (in the bridge)
+            # The two interfaces that send into the emulator (the node's, and pNb) cut GSO
+            # super-frames into packets themselves (gso_max_segs 1), so the emulator loses,
+            # delays and duplicates packets one by one, as a real link would, rather than
+            # whole bursts of a TCP or UDP GSO send.
             w, b = f"{link.port}w", f"{link.port}b"
             self._batch(
                 self.switch_ns,
                 [
                     f"link set {link.port} nomaster",
                     f"link add {w} type veth peer name {b}",
+                    f"link set {b} gso_max_segs 1",
                     f"link set {b} master {link.bridge} up",
                     f"link set {w} up",
                 ],
             )
+            self._batch(self._ns(link.node), [f"link set {link.iface} gso_max_segs 1"])
             self._wired.add(link.port)
         impairment = netem or Netem()
         self._linkemu().configure(
