@@ -80,7 +80,7 @@ class Pair:
         cfg.write_text(config)
         self.a, self.b = (
             NodeProcess(
-                ["--listen", f"{scheme}://0.0.0.0:{port}", "--config", str(cfg)],
+                ["--listen", f"{scheme}://0.0.0.0:{port}", "--config", str(cfg), "-vv"],
                 workdir,
                 index,
                 subprocess.PIPE,
@@ -112,10 +112,30 @@ class Pair:
         dialler, other = (self.b, self.a) if by_peer_id else (self.a, self.b)
         to = self.a.peer_id if by_peer_id else self.b_contact
         dialler.command(cmd="connect", to=to, id="c")
-        reply = dialler.expect("connected", id="c", timeout=timeout)
-        assert reply["peer"] == other.peer_id
+        while True:
+            line = dialler.next_line(timeout)
+            if line.get("event") == "connect_failed":
+                pytest.fail(f"connect failed: {line}\n{self.diagnostics()}")
+            if line.get("event") == "connected" and line.get("id") == "c":
+                break
+            dialler.pending.append(line)
+        assert line["peer"] == other.peer_id
         line = other.expect("peer_connected", peer=dialler.peer_id, timeout=timeout)
         assert line["transport"] == self.scheme
+
+    def diagnostics(self) -> str:
+        """What to look at when the stream stalls: the emulator's counters, both hosts' TCP and
+        UDP sockets (``ss``), and the last output and log lines of both nodes."""
+        parts = [f"linkemu: {self.lab.linkemu_stats()}"]
+        for host in ("a", "b"):
+            for argv in (["ss", "-tinoe"], ["ss", "-uanoemi"]):
+                out = self.lab.run(host, argv, check=False).stdout
+                parts.append(f"{host}: {' '.join(argv)}\n{out}")
+        for name, node in (("a", self.a), ("b", self.b)):
+            log = node.stderr_path.read_text(errors="replace").splitlines()
+            parts.append(f"{name}: last output {node.history[-10:]}")
+            parts.append(f"{name}: last log lines\n" + "\n".join(log[-30:]))
+        return "\n".join(parts)
 
     def events(self, event: str) -> list[dict[str, Any]]:
         return [e for node in (self.a, self.b) for e in node.seen(event)]
@@ -207,7 +227,10 @@ def test_lossy_reordering_duplicating_links_deliver_every_message_once_in_order(
     pair.connect(timeout=60)
     connected = time.monotonic() - start
     n = 300
-    gap = exchange(pair, "L", range(n), timeout=60)
+    try:
+        gap = exchange(pair, "L", range(n), timeout=60)
+    except pytest.fail.Exception as exc:
+        pytest.fail(f"{exc}\n{pair.diagnostics()}")
     took = time.monotonic() - start
     assert not pair.events("peer_lost")
     assert len(pair.events("peer_connected")) == 2  # one connection, one event per side
