@@ -291,7 +291,6 @@ def test_partition_longer_than_the_heartbeat_timeout_loses_the_peer_and_heals(
     detected = time.monotonic() - cut
     assert "heartbeat timeout" in lost_a["reason"]
     assert "heartbeat timeout" in lost_b["reason"]
-    assert detected < 6.0 + 3.0
     pair.lab.set_netem("a", None)
     healed = time.monotonic()
     pair.connect(by_peer_id=True)
