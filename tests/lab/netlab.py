@@ -329,6 +329,10 @@ class Netem:
     delay_ms: float = 0.0
     jitter_ms: float = 0.0
     loss_pct: float = 0.0
+    duplicate_pct: float = 0.0
+    """A second copy of the frame follows (with its own delay)."""
+    reorder_pct: float = 0.0
+    """The frame is sent at once, overtaking those held back by the delay (needs a delay)."""
 
     def tc_args(self) -> list[str]:
         args = ["netem"]
@@ -338,7 +342,21 @@ class Netem:
                 args.append(f"{self.jitter_ms}ms")
         if self.loss_pct:
             args += ["loss", f"{self.loss_pct}%"]
+        if self.duplicate_pct:
+            args += ["duplicate", f"{self.duplicate_pct}%"]
+        if self.reorder_pct:
+            args += ["reorder", f"{self.reorder_pct}%"]
         return args
+
+    def linkemu_fields(self) -> dict[str, float]:
+        """The impairment as a ``linkemu`` request's fields."""
+        return {
+            "delay_ms": self.delay_ms,
+            "jitter_ms": self.jitter_ms,
+            "loss_pct": self.loss_pct,
+            "duplicate_pct": self.duplicate_pct,
+            "reorder_pct": self.reorder_pct,
+        }
 
 
 @dataclass(frozen=True)
@@ -766,6 +784,7 @@ class _LineAgent:
         self.proc = proc
         self.what = what
         self._lines: queue.Queue[str | None] = queue.Queue()
+        self._request_lock = threading.Lock()
         threading.Thread(target=self._pump, daemon=True).start()
         hello = self._read(10.0)
         if not hello.get("ready"):
@@ -791,15 +810,21 @@ class _LineAgent:
         result: dict[str, Any] = json.loads(line)
         return result
 
-    def configure(self, request: Mapping[str, Any]) -> None:
+    def request(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        """Send one request and return its answer (``LabError`` unless it is ``ok``)."""
         stdin = self.proc.stdin
         if stdin is None:
             raise LabError(f"{self.what} has no stdin")
-        stdin.write(json.dumps(dict(request)) + "\n")
-        stdin.flush()
-        answer = self._read(10.0)
+        with self._request_lock:
+            stdin.write(json.dumps(dict(request)) + "\n")
+            stdin.flush()
+            answer = self._read(10.0)
         if not answer.get("ok"):
             raise LabError(f"{self.what}: {answer.get('error')}")
+        return answer
+
+    def configure(self, request: Mapping[str, Any]) -> None:
+        self.request(request)
 
     def close(self) -> None:
         if self.proc.stdin is not None:
@@ -1422,26 +1447,26 @@ class Lab:
                 return
             # Take the switch port off its bridge and splice the emulator in between:
             #   node eth0 <-> pN ==linkemu== pNw <-> pNb (in the bridge)
+            # The two interfaces that send into the emulator (the node's, and pNb) cut GSO
+            # super-frames into packets themselves (gso_max_segs 1), so the emulator loses,
+            # delays and duplicates packets one by one, as a real link would, rather than
+            # whole bursts of a TCP or UDP GSO send.
             w, b = f"{link.port}w", f"{link.port}b"
             self._batch(
                 self.switch_ns,
                 [
                     f"link set {link.port} nomaster",
                     f"link add {w} type veth peer name {b}",
+                    f"link set {b} gso_max_segs 1",
                     f"link set {b} master {link.bridge} up",
                     f"link set {w} up",
                 ],
             )
+            self._batch(self._ns(link.node), [f"link set {link.iface} gso_max_segs 1"])
             self._wired.add(link.port)
         impairment = netem or Netem()
         self._linkemu().configure(
-            {
-                "a": link.port,
-                "b": f"{link.port}w",
-                "delay_ms": impairment.delay_ms,
-                "jitter_ms": impairment.jitter_ms,
-                "loss_pct": impairment.loss_pct,
-            }
+            {"a": link.port, "b": f"{link.port}w", **impairment.linkemu_fields()}
         )
 
     def _linkemu(self) -> _LineAgent:
@@ -1452,6 +1477,27 @@ class Lab:
             self._linkemu_agent = _LineAgent(proc, "linkemu")
             self.add_cleanup(self._linkemu_agent.close)
         return self._linkemu_agent
+
+    def linkemu_stats(self) -> dict[str, Any]:
+        """The link emulator's counters per impaired link, keyed by node (``{}`` without one).
+
+        For each: ``to_node`` and ``from_node`` with frames in/out, lost, duplicated,
+        reordered, overflowed, queued (now and at most), send errors and the kernel's drops.
+        """
+        if self._linkemu_agent is None:
+            return {}
+        raw = self._linkemu_agent.request({"cmd": "stats"})["stats"]
+        by_port = {link.port: link for link in self._plan.links}
+        out: dict[str, Any] = {}
+        for port, entry in raw.items():
+            link = by_port.get(port)
+            name = port if link is None else f"{link.node}:{link.iface}"
+            out[name] = {
+                "impairment": entry["impairment"],
+                "from_node": entry["a_to_b"],
+                "to_node": entry["b_to_a"],
+            }
+        return out
 
     def set_netem(self, node: str | Node, netem: Netem | None, iface: str | None = None) -> None:
         """Change (or with ``None`` remove) the impairment on a node's link, both directions.
