@@ -25,6 +25,7 @@ import logging
 import os
 import socket
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from random import SystemRandom
 from typing import TYPE_CHECKING, Any
@@ -394,26 +395,42 @@ class Traversal:
         """Port prediction: create a few new UDP mappings in quick succession (one fresh
         socket each, echoed by the node) and see whether their ports follow a fixed step."""
         self.allocation["quic"] = None
+
+        async def probe(i: int) -> tuple[int | None, Address]:
+            return None, await self._echo_fresh(servers[i % len(servers)], family)
+
+        self.allocation["quic"] = await self._sample_allocation("UDP", probe)
+
+    async def _sample_allocation(
+        self, what: str, probe: Callable[[int], Awaitable[tuple[int | None, Address]]]
+    ) -> tuple[str, pr.Allocation] | None:
+        """Create :data:`~crust.proto.predict.MIN_SAMPLES` new mappings in quick succession
+        (``probe(i)``: the local port when the NAT may have kept it, and the address the node
+        saw) and measure their allocation: ``(external host, allocation)``, or None when it
+        is not predictable (a failed echo, the local port kept, another external address, or
+        no fixed step)."""
         samples: list[pr.PortSample] = []
         host = None
         for i in range(pr.MIN_SAMPLES):
             try:
-                seen = await self._echo_fresh(servers[i % len(servers)], family)
-            except (TimeoutError, OSError):
-                return
-            if host is not None and seen[0] != host:
-                return  # another external address: no single counter to predict
+                local_port, seen = await probe(i)
+            except (TimeoutError, OSError, errors.ProtocolError):
+                return None
+            if seen[1] == local_port or (host is not None and seen[0] != host):
+                return None  # no translation, or no single counter to predict
             host = seen[0]
             samples.append(pr.PortSample(seen[1], self._loop.time()))
         allocation = pr.measure(samples)
         self.counters["allocations_measured"] += 1
         log.info(
-            "UDP port allocation %s: %s",
+            "%s port allocation %s: %s",
+            what,
             [s.port for s in samples],
             f"sequential, step {allocation.delta}" if allocation else "not predictable",
         )
-        if allocation is not None and host is not None:
-            self.allocation["quic"] = (host, allocation)
+        if allocation is None or host is None:
+            return None
+        return host, allocation
 
     async def _echo_fresh(
         self, server: Address, family: int, timeout: float = ECHO_TIMEOUT
@@ -467,29 +484,14 @@ class Traversal:
                 servers.append((c.host, c.port))
         if not servers:
             return
-        samples: list[pr.PortSample] = []
-        host = None
-        for i in range(pr.MIN_SAMPLES):
-            try:
-                local_port, seen = await self._tcp_echo(servers[i % len(servers)])
-            except (TimeoutError, OSError, errors.ProtocolError):
-                return
-            if seen[1] == local_port or (host is not None and seen[0] != host):
-                self._tcp_unpredictable_until = now + UNPREDICTABLE_FOR
-                return
-            host = seen[0]
-            samples.append(pr.PortSample(seen[1], self._loop.time()))
-        allocation = pr.measure(samples)
-        self.counters["allocations_measured"] += 1
-        log.info(
-            "TCP port allocation %s: %s",
-            [s.port for s in samples],
-            f"sequential, step {allocation.delta}" if allocation else "not predictable",
-        )
-        if allocation is None or host is None:
+
+        async def probe(i: int) -> tuple[int | None, Address]:
+            return await self._tcp_echo(servers[i % len(servers)])
+
+        measured = await self._sample_allocation("TCP", probe)
+        if measured is None:
             self._tcp_unpredictable_until = now + UNPREDICTABLE_FOR
-            return
-        self.allocation["tcp"] = (host, allocation)
+        self.allocation["tcp"] = measured
 
     async def _tcp_echo(
         self, server: Address, timeout: float = ECHO_TIMEOUT
