@@ -766,3 +766,27 @@ async def test_real_punch_and_echo_datagrams_are_decoded(tmp_path: Path) -> None
         for t in pkt.layers["crust.punch.token"]
     }
     assert len(tokens) == 1  # both sides use the one token derived from both nonces
+
+
+async def test_real_tcp_address_echo_is_decoded(tmp_path: Path) -> None:
+    """Port prediction's TCP address echo (a header with version 0xEC; the reply names the
+    address the node saw), captured from crust on loopback and decoded, not flagged."""
+    cfg = crust.Config.for_testing(listen=("tcp://127.0.0.1:0",))
+    async with Service(cfg) as node, Service(cfg) as a:
+        port = port_of(node.contacts()[0])
+        capture = LoopbackCapture([port], socket.IPPROTO_TCP)
+        try:
+            traversal = a._traversal
+            assert traversal is not None
+            local_port, seen = await traversal._tcp_echo(("127.0.0.1", port))
+            assert seen == ("127.0.0.1", local_port)
+        finally:
+            capture.drain()
+            capture.close()
+    decoded = tshark(capture.save(tmp_path / "echo.pcap"), tmp_path)
+    assert any(p.layers.get("crust.version") == ["236"] for p in decoded)  # the request
+    reply = next(p for p in decoded if p.layers.get("crust.status") == ["3"])
+    assert reply.layers["crust.punch.ipv4"] == ["127.0.0.1"]
+    assert reply.layers["crust.punch.port"] == [str(local_port)]
+    experts = {"crust.malformed", "crust.version.unknown", "crust.status.refused"}
+    assert not [p for p in decoded if experts & p.layers.keys()]

@@ -10,6 +10,8 @@
 --           initiator -> responder: header, u16 len | Noise message 1 (e), u16 len | message 3
 --           responder -> initiator: status u8, u16 len | Noise message 2 (e, ee, s, es)
 --           both ways afterwards:   u16 len | AEAD record (AES-256-GCM, 16-byte tag)
+--         A TCP address echo (port prediction) is a header with version 0xEC and nothing
+--         else; the reply is status 3 | IP version u8 | port u16 | address, then the close.
 --   QUIC  the same session on the first bidirectional stream; the QUIC dissector hands it to
 --         crust when the connection's ALPN is "crust/1/<network>" (preference "networks").
 --         QUIC itself is only readable with the TLS secrets: set tls.keylog_file to crust's
@@ -35,6 +37,8 @@ local MAGIC = "CRST"
 local HEADER_LEN = 13
 local TAG_LEN = 16
 local KNOWN_VERSION = 1
+local ECHO_VERSION = 0xEC -- a TCP address echo request instead of a handshake
+local ECHO_STATUS = 3 -- its reply: status | IP version u8 | port u16 | address
 
 -- ---------------------------------------------------------------- bit operations
 -- bit32 (Lua 5.2, Wireshark < 4.4); Lua 5.3+ operators otherwise (compiled with load()
@@ -203,7 +207,8 @@ end
 
 local crust = Proto("crust", "crust peer-to-peer protocol")
 
-local STATUS = { [0] = "OK", [1] = "network mismatch", [2] = "version unsupported" }
+local STATUS = { [0] = "OK", [1] = "network mismatch", [2] = "version unsupported",
+    [3] = "address echo" }
 local DIRECTION = { [0] = "initiator to responder", [1] = "responder to initiator" }
 local HANDSHAKE = { [1] = "-> e", [2] = "<- e, ee, s, es", [3] = "-> s, se" }
 local KIND = {
@@ -396,6 +401,12 @@ local function pdu_size(tvb, offset, phase)
         need = HEADER_LEN
     elseif phase == STATUS_PHASE then
         need = 1
+        if avail >= 1 and tvb(offset, 1):uint() == ECHO_STATUS then
+            if avail < 2 then
+                return nil, 1
+            end
+            need = tvb(offset + 1, 1):uint() == 6 and 20 or 8
+        end
     elseif phase == ENDED then
         return avail
     else
@@ -412,6 +423,9 @@ end
 
 local function next_phase(phase, tvb, offset)
     if phase == HEADER then
+        if tvb(offset + 4, 1):uint() == ECHO_VERSION then
+            return ENDED -- the echo request is the whole stream
+        end
         return MSG1
     elseif phase == MSG1 then
         return MSG3
@@ -468,16 +482,44 @@ local function dissect_header(tvb, pinfo, tree, offset)
     t:add(F.magic, tvb(offset, 4))
     local vitem = t:add(F.version, tvb(offset + 4, 1))
     local version = tvb(offset + 4, 1):uint()
+    t:add(F.network_tag, tvb(offset + 5, 8))
+    local net = " net " .. tostring(tvb(offset + 5, 8):bytes())
+    if version == ECHO_VERSION then
+        add_info(pinfo, "Address echo request" .. net)
+        return
+    end
     if version ~= KNOWN_VERSION then
         vitem:add_proto_expert_info(E.version)
     end
-    t:add(F.network_tag, tvb(offset + 5, 8))
-    add_info(pinfo, "Header v" .. version .. " net " .. tostring(tvb(offset + 5, 8):bytes()))
+    add_info(pinfo, "Header v" .. version .. net)
 end
 
-local function dissect_status(tvb, pinfo, tree, offset)
+-- The address a node saw a TCP address echo come from (the same fields as a UDP echo reply).
+local function dissect_echo_reply(tvb, pinfo, tree, offset, size)
+    local family = tvb(offset + 1, 1):uint()
+    if (family ~= 4 and family ~= 6) or size ~= (family == 6 and 20 or 8) then
+        tree:add_proto_expert_info(E.malformed, "bad address in an echo reply")
+        return
+    end
+    tree:add(F.punch_family, tvb(offset + 1, 1))
+    tree:add(F.punch_port, tvb(offset + 2, 2))
+    local port = tvb(offset + 2, 2):uint()
+    if family == 4 then
+        tree:add(F.punch_ipv4, tvb(offset + 4, 4))
+        add_info(pinfo, "Address echo reply " .. tostring(tvb(offset + 4, 4):ipv4()) .. ":" .. port)
+    else
+        tree:add(F.punch_ipv6, tvb(offset + 4, 16))
+        add_info(pinfo, "Address echo reply [" .. tostring(tvb(offset + 4, 16):ipv6()) .. "]:" .. port)
+    end
+end
+
+local function dissect_status(tvb, pinfo, tree, offset, size)
     local item = tree:add(F.status, tvb(offset, 1))
     local status = tvb(offset, 1):uint()
+    if status == ECHO_STATUS then
+        dissect_echo_reply(tvb, pinfo, tree, offset, size)
+        return
+    end
     if status ~= 0 then
         item:add_proto_expert_info(E.refused)
     end
@@ -617,7 +659,7 @@ local function show_pdus(tvb, pinfo, tree, session, dir, list, key)
         if phase == HEADER then
             dissect_header(tvb, pinfo, root, offset)
         elseif phase == STATUS_PHASE then
-            dissect_status(tvb, pinfo, root, offset)
+            dissect_status(tvb, pinfo, root, offset, size)
         elseif phase == MSG1 then
             dissect_handshake(tvb, pinfo, root, offset, size, 1)
         elseif phase == MSG2 then
