@@ -203,6 +203,7 @@ class Service:
         self._abuse_reports = BucketMap(rate=0.1, burst=1.0)
         """What each connected peer says it is in its hello (``node`` once proven)."""
         self._penalties: dict[PeerId | str, float] = {}
+        self._drops_timer: asyncio.TimerHandle | None = None
         """Peer ids and hosts refused until the given time (flooding, failed handshakes)."""
         self._failures = BucketMap(*FAILED_HANDSHAKES, limit=MAX_PENALTIES)
         self._tg: asyncio.TaskGroup | None = None
@@ -266,6 +267,8 @@ class Service:
             return
         self._closed = True
         self._running = False
+        if self._drops_timer is not None:
+            self._drops_timer.cancel()
         for server in self._servers:
             server.close()
         if self._traversal is not None:
@@ -1011,6 +1014,25 @@ class Service:
         if key not in self._penalties and len(self._penalties) >= MAX_PENALTIES:
             del self._penalties[next(iter(self._penalties))]
         self._penalties[key] = asyncio.get_running_loop().time() + seconds
+        if isinstance(key, str):
+            self._sync_kernel_drops()
+
+    def _sync_kernel_drops(self) -> None:
+        """Hand the penalised addresses to the TCP listeners' kernel filters (their SYNs are
+        dropped before any accept: a storm from them costs the event loop nothing), and
+        come back when the first penalty ends to lift it."""
+        if self._drops_timer is not None:
+            self._drops_timer.cancel()
+            self._drops_timer = None
+        if not self._running:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        hosts = {k: t for k, t in self._penalties.items() if isinstance(k, str) and t > now}
+        for server in self._servers:
+            server.drop_from(sorted(hosts, key=hosts.__getitem__, reverse=True))
+        if hosts:
+            self._drops_timer = loop.call_at(min(hosts.values()), self._sync_kernel_drops)
 
     def _penalized(self, key: PeerId | str) -> bool:
         until = self._penalties.get(key)

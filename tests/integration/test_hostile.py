@@ -223,14 +223,23 @@ async def test_ten_thousand_half_open_tcp_handshakes_from_one_address(
     partial = (b"", opening[:5], opening[:20], opening[:-1])  # nothing or a cut handshake
     loop = asyncio.get_running_loop()
 
+    dropped = 0
+
     async def half_open(i: int) -> socket.socket | None:
+        nonlocal dropped
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         s.setblocking(False)
         s.bind((ATTACKER, 0))
         try:
-            await loop.sock_connect(s, target)
+            # a loopback handshake is answered by the kernel at once, unless the listener's
+            # filter drops the address's SYNs (once the node has cut it off)
+            await asyncio.wait_for(loop.sock_connect(s, target), 0.25)
             if partial[i % 4]:
                 s.send(partial[i % 4])
+        except TimeoutError:
+            dropped += 1
+            s.close()
+            return None
         except OSError:  # refused and reset by the node before we wrote
             s.close()
             return None
@@ -260,9 +269,13 @@ async def test_ten_thousand_half_open_tcp_handshakes_from_one_address(
         close_all(socks, reset=n % 2 == 0)
     # the last wave stays open: the address is held at its limit and refused beyond it
     held = await asyncio.gather(*(half_open(total - wave + i) for i in range(wave)))
-    late = await RawTcp.open(target)
-    await asyncio.wait_for(late.closed, TIMEOUT)  # refused: closed without a handshake
-    assert late.received == b""
+    try:
+        late = await asyncio.wait_for(RawTcp.open(target), 0.25)
+    except TimeoutError:
+        dropped += 1  # refused in the kernel: its SYN was dropped
+    else:
+        await asyncio.wait_for(late.closed, TIMEOUT)  # refused: closed without a handshake
+        assert late.received == b""
     # cut off: its handshakes kept failing (and it held its connection quota)
     cut = await w.node_pump.wait(AbuseDetected, lambda e: e.kind == "handshake")
     assert cut.address == ATTACKER and cut.peer is None
@@ -274,6 +287,9 @@ async def test_ten_thousand_half_open_tcp_handshakes_from_one_address(
 
     await w.check_honest()
     assert newcomer_checked
+    # once cut off, the address's connection attempts were dropped in the kernel (the
+    # listener's socket filter), costing the node no accept at all
+    assert dropped > 0
     assert worst["attacker"] <= cfg.max_connections_per_ip
     assert worst["pending"] <= cfg.max_pending_handshakes
     assert worst["pending"] <= cfg.max_connections_per_ip + 2  # the attacker's + honest ones
@@ -738,7 +754,10 @@ async def test_a_valid_peer_flooding_messages_is_cut_off(
     with pytest.raises(errors.CrustError):
         await f2.connect(contact(node, transport))
     assert len(w.node_pump.of(PeerConnected, lambda e: e.peer in (f.peer_id, f2.peer_id))) == 1
-    assert node.statistics().limits_hit >= 3
+    assert node.statistics().limits_hit >= 1
+    # over TCP the refusal happens in the kernel: the listener's filter drops the address's
+    # connection attempts before any accept
+    assert all(server._filtered for server in node._servers)
     await w.check_honest()
     # Bound: the flooder's queue (its own send queue is in this process too, up to
     # send_queue_size = 16 MiB by default, but it is cut after 512 KiB) and the node's
