@@ -75,7 +75,6 @@ from benchmarks.common import (
     WorkerPair,
     bulk_once,
     clock,
-    environment,
     figure,
     host_port,
     median,
@@ -927,20 +926,15 @@ def run(
         )
     finally:
         pair.stop()
-    env = environment()
-    env["load_average_before"] = load_before
     import aioquic
 
-    env["aioquic"] = aioquic.__version__
-    return {
-        "benchmark": "crust bench_quic",
-        "mode": "quick" if quick else "full",
-        "plan": dataclasses.asdict(plan),
-        "datagram_sizes": list(datagram_sizes),
-        "environment": env,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-        "duration_s": round(time.time() - started, 1),
-        "notes": [
+    return common.results(
+        "bench_quic",
+        quick,
+        plan,
+        started,
+        load_before,
+        [
             "ratio = crust / baseline; baseline = bare aioquic QuicConnection, same "
             "datagram size, 4-byte length prefix on one stream",
             "sender and receiver run in separate processes on 127.0.0.1",
@@ -949,8 +943,10 @@ def run(
             "crust connections: QUIC handshake + Retry + Noise XX + SELECT; bare: QUIC "
             "handshake with a verified server certificate, no Retry",
         ],
-        "figures": figures,
-    }
+        figures,
+        datagram_sizes=list(datagram_sizes),
+        env_aioquic=aioquic.__version__,
+    )
 
 
 def _datagram_sizes(text: str) -> tuple[int, ...]:

@@ -44,7 +44,6 @@ from benchmarks.common import (
     bulk_once,
     crust_config,
     crust_contact,
-    environment,
     figure,
     median,
     size_name,
@@ -160,22 +159,19 @@ def run(
     finally:
         pair.stop()
         relay.stop()
-    env = environment()
-    env["load_average_before"] = load_before
-    return {
-        "benchmark": "crust bench_relay",
-        "mode": "quick" if quick else "full",
-        "plan": dataclasses.asdict(plan),
-        "environment": env,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-        "duration_s": round(time.time() - started, 1),
-        "notes": [
+    return common.results(
+        "bench_relay",
+        quick,
+        plan,
+        started,
+        load_before,
+        [
             "ratio = relayed / direct crust TCP, same sizes, same worker processes",
             "three processes on 127.0.0.1: relay node, receiver (reachable only through the "
             "node), sender; the node's per-circuit rate limit is raised for the run",
         ],
-        "figures": figures,
-    }
+        figures,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,7 +54,6 @@ from benchmarks.common import (
     WorkerPair,
     bulk_once,
     clock,
-    environment,
     figure,
     host_port,
     median,
@@ -656,16 +655,13 @@ def run(
         )
     finally:
         pair.stop()
-    env = environment()
-    env["load_average_before"] = load_before
-    return {
-        "benchmark": "crust bench_tcp",
-        "mode": "quick" if quick else "full",
-        "plan": dataclasses.asdict(plan),
-        "environment": env,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-        "duration_s": round(time.time() - started, 1),
-        "notes": [
+    return common.results(
+        "bench_tcp",
+        quick,
+        plan,
+        started,
+        load_before,
+        [
             "ratio = crust / baseline; baseline = plain asyncio TCP, 4-byte length prefix",
             "sender and receiver run in separate processes on 127.0.0.1",
             "throughput: payload bytes (1 MB = 10**6 B), first send -> last receive, "
@@ -674,8 +670,8 @@ def run(
             "details hold every run, CPU time per byte (bulk) and per connection (latency): "
             "CPU time is far less sensitive than wall time to other load on the machine",
         ],
-        "figures": figures,
-    }
+        figures,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -404,6 +404,36 @@ class BulkPlan:
         return max(1, min(self.total_bytes // size, self.max_messages))
 
 
+def results(
+    name: str,
+    quick: bool,
+    plan: BulkPlan,
+    started: float,
+    load_before: list[float] | None,
+    notes: list[str],
+    figures: list[dict[str, Any]],
+    **extra: Any,
+) -> dict[str, Any]:
+    """The JSON-ready result every suite's ``run`` returns: what ran, where, when, for how
+    long, the notes and the figures (``extra`` keys go to the top level, ``environment``
+    entries under ``env_<key>`` into the environment)."""
+    env = environment()
+    env["load_average_before"] = load_before
+    for key in [k for k in extra if k.startswith("env_")]:
+        env[key[4:]] = extra.pop(key)
+    return {
+        "benchmark": f"crust {name}",
+        "mode": "quick" if quick else "full",
+        "plan": dataclasses.asdict(plan),
+        **extra,
+        "environment": env,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "duration_s": round(time.time() - started, 1),
+        "notes": notes,
+        "figures": figures,
+    }
+
+
 # =============================================================================== figures
 
 
