@@ -113,6 +113,7 @@ class Kind(enum.IntEnum):
 _MSG = int(Kind.MSG)
 _SMSG = int(Kind.SMSG)
 _FIRST = int(Kind.FIRST)
+_MORE = int(Kind.MORE)
 _LAST = int(Kind.LAST)
 _SFIRST = int(Kind.SFIRST)
 
@@ -709,11 +710,50 @@ class Session:
                 break
             if n < TAG_LEN:
                 raise ProtocolError("record shorter than its tag")
-            size = recv.decrypt_into(view[pos + 2 : pos + 2 + n], plain)
+            record = view[pos + 2 : pos + 2 + n]
             pos += 2 + n
+            if self._partials and self._decrypt_in_place(record, now):
+                continue
+            size = recv.decrypt_into(record, plain)
             self._receive_frames(size, now)
         if pos < end and self.state is not State.CLOSED:
             self._inbuf += view[pos:]
+
+    def _decrypt_in_place(self, record: memoryview, now: float) -> bool:
+        """A large message arrives as records that each hold one fragment: decrypt such a
+        record straight into the message's reassembly buffer (its frame header lands on the
+        last bytes already filled, which are put back), saving the copy out of the plaintext
+        work space. Any other layout is moved to the work space and parsed as usual. False
+        when the record was not touched (not one partial message, or it cannot fit)."""
+        if len(self._partials) != 1:
+            return False
+        ((prio, part),) = self._partials.items()
+        filled = part.filled
+        start = filled - FRAME_HEADER_LEN
+        size = len(record) - TAG_LEN
+        buf = part.buf
+        if start < 0 or start + size > len(buf):
+            return False
+        saved = bytes(buf[start:filled])
+        out = memoryview(buf)[start : start + size]
+        recv = self._recv
+        assert recv is not None
+        try:
+            recv.decrypt_into(record, out)
+            kind, fprio, n = FRAME_HEADER.unpack_from(buf, start)
+            whole = fprio == prio and _MORE <= kind <= _LAST and n == size - FRAME_HEADER_LEN
+            if not whole:
+                self._plain_view[:size] = out
+        finally:
+            buf[start:filled] = saved
+            out.release()
+        if not whole:
+            self._receive_frames(size, now)
+            return True
+        part.filled = filled + n
+        if kind == _LAST:
+            self._complete(prio, part)
+        return True
 
     def _receive_frames(self, size: int, now: float) -> None:
         plain = self._plain
@@ -775,19 +815,23 @@ class Session:
             raise ProtocolError("fragments longer than the message")
         part.buf[part.filled : part.filled + n] = self._plain_view[pos : pos + n]
         part.filled += n
-        if kind == Kind.LAST:
-            if part.filled != len(part.buf):
-                raise ProtocolError("message shorter than announced")
-            del self._partials[prio]
-            self._partial_in -= len(part.buf)
-            if self.state is State.CLOSED:
-                return
-            if part.signed:
-                self._signed_received(bytes(part.buf), prio, part.replayed)
-                return
-            assert self.peer_id is not None
-            self.events.append(message_received(self.peer_id, bytes(part.buf), prio))
-            self.messages_received += 1
+        if kind == _LAST:
+            self._complete(prio, part)
+
+    def _complete(self, prio: int, part: _Partial) -> None:
+        """The LAST fragment of ``part`` arrived: deliver the message."""
+        if part.filled != len(part.buf):
+            raise ProtocolError("message shorter than announced")
+        del self._partials[prio]
+        self._partial_in -= len(part.buf)
+        if self.state is State.CLOSED:
+            return
+        if part.signed:
+            self._signed_received(bytes(part.buf), prio, part.replayed)
+            return
+        assert self.peer_id is not None
+        self.events.append(message_received(self.peer_id, bytes(part.buf), prio))
+        self.messages_received += 1
 
     def _check_sequence(self, pos: int) -> bool:
         """Read the sequence of a signed message starting at ``pos``; True when it does not
