@@ -238,7 +238,10 @@ def test_any_stream_boundaries(messages: list[bytes], step: int) -> None:
 @given(
     st.lists(
         st.tuples(
-            st.integers(min_value=0, max_value=200_000),  # size: many span several records
+            st.one_of(  # sizes: small ones, and ones spanning several records
+                st.integers(min_value=0, max_value=2000),
+                st.integers(min_value=60_000, max_value=200_000),
+            ),
             st.sampled_from([0, 1, 5]),  # priority: larger ones preempted mid-message
             st.booleans(),  # signed
         ),
@@ -247,10 +250,10 @@ def test_any_stream_boundaries(messages: list[bytes], step: int) -> None:
     ),
     st.sampled_from([1 << 20, 65_537, 4096, 777]),  # read size
     st.integers(min_value=1, max_value=4),  # messages queued per pump
-    st.randoms(use_true_random=False),
+    st.integers(min_value=0, max_value=2**32),  # seed of the message contents
 )
 def test_large_interleaved_messages_arrive_intact(
-    specs: list[tuple[int, int, bool]], step: int, batch: int, rnd: random.Random
+    specs: list[tuple[int, int, bool]], step: int, batch: int, seed: int
 ) -> None:
     """Fragmented messages of several priorities, signed or not, cut at any read size: each
     arrives whole and intact, in order per priority (the receiver decrypts a record that is
@@ -259,6 +262,7 @@ def test_large_interleaved_messages_arrive_intact(
     def chunker(data: bytes) -> list[bytes]:
         return [data[i : i + step] for i in range(0, len(data), step)]
 
+    rnd = random.Random(seed)  # contents from a seed: Hypothesis draws sizes, not bytes
     pair = SessionPair(chunker=chunker)
     pair.pump()
     sent: dict[int, list[bytes]] = {}
