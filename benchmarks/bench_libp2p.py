@@ -35,7 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import BulkPlan, KiB, MiB, size_name
+from benchmarks.common import BulkPlan, KiB, MiB, choose_plan, size_name
 
 SIZES = (64 * KiB, MiB)
 PROTOCOL = "/crust-bench/bulk/1.0.0"
@@ -227,9 +227,7 @@ def run(
     missing = available()
     if missing is not None:
         raise ModuleNotFoundError(missing, name="libp2p")
-    plan = QUICK if quick else FULL
-    if repeats is not None:
-        plan = dataclasses.replace(plan, repeats=max(1, repeats))
+    plan = choose_plan(quick, repeats, QUICK, FULL)
     say = progress or (lambda _msg: None)
     started = time.time()
     figures: list[dict[str, Any]] = []

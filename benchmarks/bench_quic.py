@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import datetime
 import functools
 import os
@@ -515,6 +514,26 @@ async def _bare_bulk_recv(cmd: dict[str, Any], pipe: Pipe) -> dict[str, Any]:
             link.send(b"done")
             done.set_result(None)
 
+    cpu[0] = await _bare_serve(cmd, pipe, on_message, done)
+    return {
+        "t_first": t_first,
+        "t_last": t_last,
+        "messages": got,
+        "bytes": nbytes,
+        "cpu_s": cpu[1] - cpu[0],
+    }
+
+
+async def _bare_serve(
+    cmd: dict[str, Any],
+    pipe: Pipe,
+    on_message: Callable[[BareLink, bytes], None],
+    done: asyncio.Future[None],
+) -> float:
+    """Listen, report the address, hand every message to ``on_message`` until ``done``,
+    then wait (bounded) for the peers to close, so the last reply leaves before the socket
+    closes. Returns the CPU time when serving started."""
+
     def on_accept(link: BareLink) -> None:
         link.on_message = on_message
 
@@ -525,19 +544,12 @@ async def _bare_bulk_recv(cmd: dict[str, Any], pipe: Pipe) -> dict[str, Any]:
     )
     try:
         pipe.send({"addr": _addr_text(endpoint.address)})
-        cpu[0] = time.process_time()
+        cpu0 = time.process_time()
         await done
-        # let the "done" message leave before the socket closes
         await _until_closed(endpoint)
     finally:
         endpoint.close()
-    return {
-        "t_first": t_first,
-        "t_last": t_last,
-        "messages": got,
-        "bytes": nbytes,
-        "cpu_s": cpu[1] - cpu[0],
-    }
+    return cpu0
 
 
 async def _until_closed(endpoint: BareEndpoint, timeout: float = 5.0) -> None:
@@ -590,21 +602,7 @@ async def _bare_echo(cmd: dict[str, Any], pipe: Pipe) -> dict[str, Any]:
             cpu[1] = time.process_time()
             done.set_result(None)
 
-    def on_accept(link: BareLink) -> None:
-        link.on_message = on_message
-
-    endpoint = BareEndpoint(
-        server_config=bare_configuration(cmd, is_client=False),
-        on_accept=on_accept,
-        tuned=cmd.get("tuned", False),
-    )
-    try:
-        pipe.send({"addr": _addr_text(endpoint.address)})
-        cpu[0] = time.process_time()
-        await done
-        await _until_closed(endpoint)
-    finally:
-        endpoint.close()
+    cpu[0] = await _bare_serve(cmd, pipe, on_message, done)
     return {"one_way": one_way, "cpu_s": cpu[1] - cpu[0]}
 
 
@@ -632,32 +630,12 @@ async def _bare_cycle(cmd: dict[str, Any]) -> tuple[float, float, float, float]:
 
 
 async def _bare_connect_seq(cmd: dict[str, Any], pipe: Pipe) -> dict[str, Any]:
-    connect: list[float] = []
-    round_trip: list[float] = []
-    cycle: list[float] = []
-    cpu0 = time.process_time()
-    for _ in range(cmd["count"]):
-        t0, t1, t2, t3 = await _bare_cycle(cmd)
-        connect.append(t1 - t0)
-        round_trip.append(t2 - t0)
-        cycle.append(t3 - t0)
-    cpu = time.process_time() - cpu0
-    return {"connect": connect, "round_trip": round_trip, "cycle": cycle, "cpu_s": cpu}
+    return await common.sequential_cycles(functools.partial(_bare_cycle, cmd), cmd["count"])
 
 
 async def _bare_cycles(cmd: dict[str, Any], pipe: Pipe) -> dict[str, Any]:
-    per_client = cmd["count"] // cmd["concurrency"]
-
-    async def client() -> None:
-        for _ in range(per_client):
-            await _bare_cycle(cmd)
-
-    t_start = clock()
-    async with asyncio.TaskGroup() as tg:
-        for _ in range(cmd["concurrency"]):
-            tg.create_task(client())
-    t_end = clock()
-    return {"seconds": t_end - t_start, "connections": per_client * cmd["concurrency"]}
+    cycles = [functools.partial(_bare_cycle, cmd)] * cmd["concurrency"]
+    return await common.concurrent_cycles(cycles, cmd["count"] // cmd["concurrency"])
 
 
 HANDLERS: dict[str, Handler] = {
@@ -833,37 +811,6 @@ def _connects(
     ]
 
 
-def _cycles(
-    pair: WorkerPair, plan: Plan, datagram_size: int, tls: dict[str, bytes], progress: Progress
-) -> list[dict[str, Any]]:
-    rates: dict[str, float] = {}
-    for kind in ("crust", "bare"):
-        progress(f"connections/s: {kind}, {plan.cycles_count} with {plan.concurrency} clients")
-        extra = _extra(kind, datagram_size, tls)
-        _, s = pair.run(
-            {"op": f"{kind}_echo", "count": plan.cycles_count, **extra},
-            {
-                "op": f"{kind}_cycles",
-                "count": plan.cycles_count,
-                "concurrency": plan.concurrency,
-                **extra,
-            },
-            plan.timeout,
-        )
-        rates[kind] = s["connections"] / s["seconds"]
-    return [
-        figure(
-            "connections_concurrent",
-            f"new connections/s, {plan.concurrency} concurrent clients",
-            "conn/s",
-            rates["crust"],
-            rates["bare"],
-            higher_is_better=True,
-            details={"connections": plan.cycles_count, "concurrency": plan.concurrency},
-        )
-    ]
-
-
 def run(
     quick: bool,
     *,
@@ -882,9 +829,7 @@ def run(
     multiprocessing's ``spawn`` method, so a script calling this needs an
     ``if __name__ == "__main__":`` guard.
     """
-    plan = QUICK if quick else FULL
-    if repeats is not None:
-        plan = dataclasses.replace(plan, repeats=max(1, repeats))
+    plan = common.choose_plan(quick, repeats, QUICK, FULL)
     say = progress or (lambda _msg: None)
     figures: list[dict[str, Any]] = []
     started = time.time()
@@ -917,7 +862,11 @@ def run(
         run_step(
             figures,
             say,
-            functools.partial(_cycles, pair, plan, datagram_sizes[0], tls, say),
+            lambda: [
+                common.cycles_figure(
+                    pair, plan, "bare", say, lambda kind: _extra(kind, datagram_sizes[0], tls)
+                )
+            ],
             "connections/s",
             "connections_concurrent",
             "new connections/s, concurrent clients",

@@ -23,7 +23,6 @@ are always stopped when :func:`run` returns.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import multiprocessing
 import sys
@@ -134,9 +133,7 @@ def run(
 ) -> dict[str, Any]:
     """Relayed vs direct bulk throughput per message size (JSON-ready, like the other
     suites)."""
-    plan = QUICK if quick else FULL
-    if repeats is not None:
-        plan = dataclasses.replace(plan, repeats=max(1, repeats))
+    plan = common.choose_plan(quick, repeats, QUICK, FULL)
     say = progress or (lambda _msg: None)
     started = time.time()
     load_before = common.load_average()

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import os
 import socket
@@ -354,65 +353,34 @@ async def _plain_echo(cmd: dict[str, Any], pipe: Pipe) -> dict[str, Any]:
     return {"one_way": one_way, "cpu_s": cpu[1] - cpu[0]}
 
 
+async def _plain_cycle(addr: str) -> tuple[float, float, float, float]:
+    """One new connection: connect, probe, echo, close -> (t0, t1, t2, t3)."""
+    echoed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def on_message(stream: PlainStream, data: bytes | bytearray) -> None:
+        if not echoed.done():
+            echoed.set_result(None)
+
+    stream = PlainStream(on_message)
+    t0 = clock()
+    tr = await _plain_connect(addr, stream)
+    t1 = clock()
+    stream.send(probe(t0))
+    await echoed
+    t2 = clock()
+    await _plain_close(tr, stream)
+    return t0, t1, t2, clock()
+
+
 async def _plain_connect_seq(cmd: dict[str, Any], pipe: Pipe) -> dict[str, Any]:
-    addr: str = cmd["addr"]
-    connect: list[float] = []
-    round_trip: list[float] = []
-    cycle: list[float] = []
-    loop = asyncio.get_running_loop()
-    cpu0 = time.process_time()
-    for _ in range(cmd["count"]):
-        echoed: asyncio.Future[None] = loop.create_future()
-
-        def on_message(
-            stream: PlainStream, data: bytes | bytearray, fut: asyncio.Future[None] = echoed
-        ) -> None:
-            if not fut.done():
-                fut.set_result(None)
-
-        stream = PlainStream(on_message)
-        t0 = clock()
-        tr = await _plain_connect(addr, stream)
-        t1 = clock()
-        stream.send(probe(t0))
-        await echoed
-        t2 = clock()
-        await _plain_close(tr, stream)
-        t3 = clock()
-        connect.append(t1 - t0)
-        round_trip.append(t2 - t0)
-        cycle.append(t3 - t0)
-    cpu = time.process_time() - cpu0
-    return {"connect": connect, "round_trip": round_trip, "cycle": cycle, "cpu_s": cpu}
+    return await common.sequential_cycles(
+        functools.partial(_plain_cycle, cmd["addr"]), cmd["count"]
+    )
 
 
 async def _plain_cycles(cmd: dict[str, Any], pipe: Pipe) -> dict[str, Any]:
-    addr: str = cmd["addr"]
-    per_client = cmd["count"] // cmd["concurrency"]
-    loop = asyncio.get_running_loop()
-
-    async def client() -> None:
-        for _ in range(per_client):
-            echoed: asyncio.Future[None] = loop.create_future()
-
-            def on_message(
-                stream: PlainStream, data: bytes | bytearray, fut: asyncio.Future[None] = echoed
-            ) -> None:
-                if not fut.done():
-                    fut.set_result(None)
-
-            stream = PlainStream(on_message)
-            tr = await _plain_connect(addr, stream)
-            stream.send(probe(clock()))
-            await echoed
-            await _plain_close(tr, stream)
-
-    t_start = clock()
-    async with asyncio.TaskGroup() as tg:
-        for _ in range(cmd["concurrency"]):
-            tg.create_task(client())
-    t_end = clock()
-    return {"seconds": t_end - t_start, "connections": per_client * cmd["concurrency"]}
+    cycles = [functools.partial(_plain_cycle, cmd["addr"])] * cmd["concurrency"]
+    return await common.concurrent_cycles(cycles, cmd["count"] // cmd["concurrency"])
 
 
 HANDLERS: dict[str, Handler] = {
@@ -570,27 +538,6 @@ def _latency(pair: WorkerPair, plan: Plan, progress: Callable[[str], None]) -> l
     ]
 
 
-def _cycles(pair: WorkerPair, plan: Plan, progress: Callable[[str], None]) -> dict[str, Any]:
-    rates: dict[str, float] = {}
-    for kind in ("crust", "plain"):
-        progress(f"connections/s: {kind}, {plan.cycles_count} with {plan.concurrency} clients")
-        _, s = pair.run(
-            {"op": f"{kind}_echo", "count": plan.cycles_count},
-            {"op": f"{kind}_cycles", "count": plan.cycles_count, "concurrency": plan.concurrency},
-            plan.timeout,
-        )
-        rates[kind] = s["connections"] / s["seconds"]
-    return figure(
-        "connections_concurrent",
-        f"new connections/s, {plan.concurrency} concurrent clients",
-        "conn/s",
-        rates["crust"],
-        rates["plain"],
-        higher_is_better=True,
-        details={"connections": plan.cycles_count, "concurrency": plan.concurrency},
-    )
-
-
 def run(
     quick: bool,
     *,
@@ -608,9 +555,7 @@ def run(
     The workers are started with multiprocessing's ``spawn`` method, so a script calling
     this must guard its entry point with ``if __name__ == "__main__":``.
     """
-    plan = QUICK if quick else FULL
-    if repeats is not None:
-        plan = dataclasses.replace(plan, repeats=max(1, repeats))
+    plan = common.choose_plan(quick, repeats, QUICK, FULL)
     say = progress or (lambda _msg: None)
     figures: list[dict[str, Any]] = []
     started = time.time()
@@ -646,7 +591,7 @@ def run(
             False,
         )
         step(
-            lambda: [_cycles(pair, plan, say)],
+            lambda: [common.cycles_figure(pair, plan, "plain", say)],
             "connections/s",
             "connections_concurrent",
             "new connections/s, concurrent clients",

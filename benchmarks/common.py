@@ -27,10 +27,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from multiprocessing.connection import Connection as Pipe
 from multiprocessing.process import BaseProcess
-from typing import Any
+from typing import Any, TypeVar
 
 import crust
 from crust.aio.eventqueue import EventStream
@@ -187,57 +187,75 @@ async def crust_echo(cmd: dict[str, Any], pipe: Pipe) -> dict[str, Any]:
     return {"one_way": one_way, "cpu_s": cpu1 - cpu0}
 
 
+Cycle = Callable[[], Awaitable[tuple[float, float, float, float]]]
+"""One new connection: dial + handshake, probe, echo, close -> ``(t0, connected,
+echoed, closed)`` clock times."""
+
+
+async def sequential_cycles(cycle: Cycle, count: int) -> dict[str, Any]:
+    """``count`` cycles one after the other: connect, round-trip and whole-cycle times."""
+    connect: list[float] = []
+    round_trip: list[float] = []
+    whole: list[float] = []
+    cpu0 = time.process_time()
+    for _ in range(count):
+        t0, t1, t2, t3 = await cycle()
+        connect.append(t1 - t0)
+        round_trip.append(t2 - t0)
+        whole.append(t3 - t0)
+    cpu = time.process_time() - cpu0
+    return {"connect": connect, "round_trip": round_trip, "cycle": whole, "cpu_s": cpu}
+
+
+async def concurrent_cycles(cycles: Sequence[Cycle], per_client: int) -> dict[str, Any]:
+    """One client per entry of ``cycles``, each running ``per_client`` cycles at once."""
+
+    async def client(cycle: Cycle) -> None:
+        for _ in range(per_client):
+            await cycle()
+
+    t_start = clock()
+    async with asyncio.TaskGroup() as tg:
+        for cycle in cycles:
+            tg.create_task(client(cycle))
+    t_end = clock()
+    return {"seconds": t_end - t_start, "connections": per_client * len(cycles)}
+
+
+def crust_cycle(svc: crust.Service, addr: str) -> Cycle:
+    events = svc.events()
+
+    async def cycle() -> tuple[float, float, float, float]:
+        t0 = clock()
+        peer = await svc.connect(addr)
+        t1 = clock()
+        await svc.send(peer, probe(t0), 0)
+        await next_message(events)
+        t2 = clock()
+        await svc.disconnect(peer)
+        return t0, t1, t2, clock()
+
+    return cycle
+
+
 async def crust_connect_seq(cmd: dict[str, Any], pipe: Pipe) -> dict[str, Any]:
     addr: str = cmd["addr"]
     target = Contact.parse(addr).peer_id
     assert target is not None
     ident = ordered_identity(target, cmd["order"] == "lesser")
-    connect: list[float] = []
-    round_trip: list[float] = []
-    cycle: list[float] = []
     async with crust.Service(crust_config(cmd, False), identity=ident) as svc:
-        events = svc.events()
-        cpu0 = time.process_time()
-        for _ in range(cmd["count"]):
-            t0 = clock()
-            peer = await svc.connect(addr)
-            t1 = clock()
-            await svc.send(peer, probe(t0), 0)
-            await next_message(events)
-            t2 = clock()
-            await svc.disconnect(peer)
-            t3 = clock()
-            connect.append(t1 - t0)
-            round_trip.append(t2 - t0)
-            cycle.append(t3 - t0)
-        cpu = time.process_time() - cpu0
-    return {"connect": connect, "round_trip": round_trip, "cycle": cycle, "cpu_s": cpu}
+        return await sequential_cycles(crust_cycle(svc, addr), cmd["count"])
 
 
 async def crust_cycles(cmd: dict[str, Any], pipe: Pipe) -> dict[str, Any]:
     """``concurrency`` clients, each: connect, send a probe, await the echo, disconnect."""
-    addr: str = cmd["addr"]
-    per_client = cmd["count"] // cmd["concurrency"]
     async with contextlib.AsyncExitStack() as stack:
         services = [
             await stack.enter_async_context(crust.Service(crust_config(cmd, False)))
             for _ in range(cmd["concurrency"])
         ]
-
-        async def client(svc: crust.Service) -> None:
-            events = svc.events()
-            for _ in range(per_client):
-                peer = await svc.connect(addr)
-                await svc.send(peer, probe(clock()), 0)
-                await next_message(events)
-                await svc.disconnect(peer)
-
-        t_start = clock()
-        async with asyncio.TaskGroup() as tg:
-            for svc in services:
-                tg.create_task(client(svc))
-        t_end = clock()
-    return {"seconds": t_end - t_start, "connections": per_client * len(services)}
+        cycles = [crust_cycle(svc, cmd["addr"]) for svc in services]
+        return await concurrent_cycles(cycles, cmd["count"] // cmd["concurrency"])
 
 
 # =============================================================================== worker side
@@ -402,6 +420,50 @@ class BulkPlan:
 
     def message_count(self, size: int) -> int:
         return max(1, min(self.total_bytes // size, self.max_messages))
+
+
+P = TypeVar("P", bound=BulkPlan)
+
+
+def choose_plan(quick: bool, repeats: int | None, quick_plan: P, full_plan: P) -> P:
+    """The suite's quick or full plan, with ``repeats`` (at least 1) when given."""
+    plan = quick_plan if quick else full_plan
+    return plan if repeats is None else dataclasses.replace(plan, repeats=max(1, repeats))
+
+
+def cycles_figure(
+    pair: WorkerPair,
+    plan: Any,
+    baseline: str,
+    progress: Progress,
+    extra: Callable[[str], dict[str, Any]] = lambda _kind: {},
+) -> dict[str, Any]:
+    """New connections/s with ``plan.concurrency`` clients cycling (connect, probe, echo,
+    close) ``plan.cycles_count`` times in all, crust against the ``baseline`` handlers."""
+    rates: dict[str, float] = {}
+    for kind in ("crust", baseline):
+        progress(f"connections/s: {kind}, {plan.cycles_count} with {plan.concurrency} clients")
+        more = extra(kind)
+        _, s = pair.run(
+            {"op": f"{kind}_echo", "count": plan.cycles_count, **more},
+            {
+                "op": f"{kind}_cycles",
+                "count": plan.cycles_count,
+                "concurrency": plan.concurrency,
+                **more,
+            },
+            plan.timeout,
+        )
+        rates[kind] = s["connections"] / s["seconds"]
+    return figure(
+        "connections_concurrent",
+        f"new connections/s, {plan.concurrency} concurrent clients",
+        "conn/s",
+        rates["crust"],
+        rates[baseline],
+        higher_is_better=True,
+        details={"connections": plan.cycles_count, "concurrency": plan.concurrency},
+    )
 
 
 def results(
