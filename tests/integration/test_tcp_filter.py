@@ -23,7 +23,7 @@ async def _answered(host: str, port: int, source: str | None = None) -> bool:
     if source is not None:
         s.bind((source, 0))
     try:
-        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(s, (host, port)), 0.5)
+        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(s, (host, port)), 1.0)
         return True
     except TimeoutError:
         return False  # no answer at all: the SYN was dropped
